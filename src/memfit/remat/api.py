@@ -1,0 +1,270 @@
+"""``memfit.remat.compile``: a model's training step, rematerialized to fit a memory budget.
+
+    step = memfit.remat.compile(model, loss_fn, example_batch, budget=0.5)
+    loss = step(batch)        # forward + backward under the schedule; gradients accumulate into p.grad
+    optimizer.step()
+
+The step is captured once per batch shape (:mod:`memfit.remat.capture`), scheduled by a solver of
+:func:`memfit.remat.solve` under the budget, and lowered to an fx module (:mod:`memfit.remat.lower`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from memfit.remat._errors import InfeasibleBudget
+from memfit.remat._schedule import Schedule
+from memfit.remat.capture import CapturedStep, CostModel, capture, module_tensors, flatten_batch
+from memfit.remat.lower import lower
+
+__all__ = ["RematPlan", "RematStep", "compile"]
+
+
+@dataclass(frozen=True)
+class RematPlan:
+    """What the solver decided for one batch shape, in the terms a user budgets in.
+
+    All byte figures are *non-input* memory: everything but the parameters, buffers and the batch (which are
+    resident anyway). Gradients are included (they are outputs of the step).
+
+    Attributes:
+        method: the solver.
+        budget_bytes: the budget asked for (``None``: no recomputation).
+        peak_bytes: the schedule's predicted peak.
+        noremat_peak_bytes: the predicted peak of the step without recomputation.
+        input_bytes: parameters + buffers + batch.
+        cost_overhead: predicted compute cost of the schedule / cost without recomputation.
+        recomputed_nodes: number of extra computes (values computed more than once).
+        nodes: values in the captured graph.
+        capture_seconds: time to trace the step.
+        solve_seconds: time the solver took.
+    """
+
+    method: str
+    budget_bytes: int | None
+    peak_bytes: int
+    noremat_peak_bytes: int
+    input_bytes: int
+    cost_overhead: float
+    recomputed_nodes: int
+    nodes: int
+    capture_seconds: float
+    solve_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def report(self) -> str:
+        """A few readable lines."""
+        mib = 2.0**20
+        budget = "none (no recomputation)" if self.budget_bytes is None else f"{self.budget_bytes / mib:,.2f} MiB"
+        ratio = self.peak_bytes / self.noremat_peak_bytes if self.noremat_peak_bytes else 1.0
+        return "\n".join(
+            [
+                f"memfit.remat plan ({self.method}, {self.nodes} values captured in {self.capture_seconds:.2f} s, "
+                f"solved in {self.solve_seconds:.2f} s)",
+                f"  budget (non-input)   {budget}",
+                f"  predicted peak       {self.peak_bytes / mib:,.2f} MiB  ({ratio:.0%} of no-remat "
+                f"{self.noremat_peak_bytes / mib:,.2f} MiB)",
+                f"  inputs (resident)    {self.input_bytes / mib:,.2f} MiB",
+                f"  predicted compute    {self.cost_overhead:.3f}x no-remat, {self.recomputed_nodes} recomputes",
+            ]
+        )
+
+
+@dataclass
+class _Compiled:
+    captured: CapturedStep
+    schedule: Schedule
+    gm: fx.GraphModule
+    plan: RematPlan
+
+
+def _shape_key(flat: list[torch.Tensor], spec: Any) -> tuple[Any, ...]:
+    return (str(spec), *((tuple(t.shape), t.dtype, t.device) for t in flat))
+
+
+class RematStep:
+    """A training step that runs forward and backward under a rematerialization schedule.
+
+    Call it with a batch: it returns the loss (detached) and accumulates gradients into ``p.grad`` exactly like
+    ``loss.backward()``; buffers the forward updates (BatchNorm running statistics) are updated once. A batch of a
+    new shape is captured and scheduled anew (cached per shape).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+        *,
+        budget: int | float | None,
+        method: str,
+        cost: CostModel,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.budget = budget
+        self.method = method
+        self.cost = cost
+        self._cache: dict[tuple[Any, ...], _Compiled] = {}
+        self._last: _Compiled | None = None
+
+    @property
+    def plan(self) -> RematPlan:
+        """The plan of the most recently compiled batch shape."""
+        if self._last is None:
+            raise RuntimeError("no batch shape has been compiled yet")
+        return self._last.plan
+
+    @property
+    def schedule(self) -> Schedule:
+        """The schedule of the most recently compiled batch shape."""
+        if self._last is None:
+            raise RuntimeError("no batch shape has been compiled yet")
+        return self._last.schedule
+
+    @property
+    def captured(self) -> CapturedStep:
+        """The captured graph of the most recently compiled batch shape."""
+        if self._last is None:
+            raise RuntimeError("no batch shape has been compiled yet")
+        return self._last.captured
+
+    def report(self) -> str:
+        """The plan as text (also printed)."""
+        text = self.plan.report()
+        print(text)
+        return text
+
+    def prepare(self, batch: Any) -> RematPlan:
+        """Capture and schedule for ``batch``'s shape without running a step."""
+        flat, spec = flatten_batch(batch)
+        return self._compiled(flat, spec).plan
+
+    def _compiled(self, flat: list[torch.Tensor], spec: Any) -> _Compiled:
+        key = _shape_key(flat, spec)
+        if key not in self._cache:
+            self._cache[key] = self._compile(flat, spec)
+        self._last = self._cache[key]
+        return self._last
+
+    def _compile(self, flat: list[torch.Tensor], spec: Any) -> _Compiled:
+        from memfit.remat import solve  # the solver registry lives in the package root
+
+        batch = torch.utils._pytree.tree_unflatten(flat, spec)
+        captured = capture(self.model, self.loss_fn, batch, cost=self.cost)
+        graph = captured.graph
+        inputs = graph.input_bytes
+        base = solve(graph, None, method="noremat")
+        base_sim = base.simulate()
+        t0 = time.perf_counter()
+        if self.budget is None:
+            schedule, budget_bytes = base, None
+        else:
+            budget_bytes = _budget_bytes(self.budget, base_sim.peak - inputs)
+            try:
+                schedule = solve(graph, inputs + budget_bytes, method=self.method)
+            except InfeasibleBudget as exc:
+                raise InfeasibleBudget(
+                    budget=budget_bytes,
+                    min_peak=max(exc.min_peak - inputs, 0),
+                    method=exc.method,
+                    reason="bytes beyond parameters, buffers and batch; smallest feasible budget is min_peak",
+                ) from exc
+        solve_seconds = time.perf_counter() - t0
+        sim = schedule.simulate()
+        gm = lower(captured, schedule)
+        plan = RematPlan(
+            method="noremat" if self.budget is None else self.method,
+            budget_bytes=budget_bytes,
+            peak_bytes=sim.peak - inputs,
+            noremat_peak_bytes=base_sim.peak - inputs,
+            input_bytes=inputs,
+            cost_overhead=sim.cost / base_sim.cost if base_sim.cost > 0 else 1.0,
+            recomputed_nodes=sim.computes - base_sim.computes,
+            nodes=len(graph),
+            capture_seconds=captured.capture_seconds,
+            solve_seconds=solve_seconds,
+        )
+        return _Compiled(captured, schedule, gm, plan)
+
+    def __call__(self, batch: Any) -> torch.Tensor:
+        flat, spec = flatten_batch(batch)
+        compiled = self._compiled(flat, spec)
+        captured = compiled.captured
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        buffers = dict(self.model.named_buffers(remove_duplicate=False))
+        args: list[Any] = [*module_tensors(self.model, [*captured.param_names, *captured.buffer_names]), *flat]
+        if captured.n_random:
+            # one draw from the global generator per step: steps differ, schedules of one step agree
+            args.append(int(torch.randint(0, 2**62, (), dtype=torch.int64).item()))
+        with torch.no_grad():
+            outs = compiled.gm(*args)
+        del args
+        for name, i in captured.grad_outputs.items():
+            p = params[name.removeprefix("model.")]
+            g = outs[i]
+            if g._base is not None and g._base.numel() != g.numel():
+                g = g.clone()  # do not pin a larger buffer through a view
+            if p.grad is None:
+                p.grad = g if g.stride() == p.stride() else g.clone(memory_format=torch.contiguous_format)
+            else:
+                p.grad.add_(g)
+        with torch.no_grad():
+            for name, i in captured.buffer_outputs.items():
+                buffers[name.removeprefix("model.")].copy_(outs[i])
+        loss: torch.Tensor = outs[captured.loss_index]
+        return loss.detach()
+
+
+def _budget_bytes(budget: int | float, noremat_non_input: int) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be bytes (int), a fraction in (0, 1] (float) or None, got {budget!r}")
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"a fractional budget must be in (0, 1], got {budget}")
+        return int(budget * noremat_non_input)
+    if budget <= 0:
+        raise ValueError(f"a byte budget must be positive, got {budget}")
+    return budget
+
+
+def compile(  # noqa: A001 -- mirrors torch.compile; reached as memfit.remat.compile
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    example_batch: Any,
+    *,
+    budget: int | float | None = None,
+    method: str = "budget",
+    cost: CostModel = "flops",
+) -> RematStep:
+    """Capture ``model``'s training step and schedule it to fit ``budget``.
+
+    Args:
+        model: the module to train.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``; ``batch`` is passed exactly as given to the step.
+        example_batch: fixes shapes and dtypes (a tensor, or a tuple/list/dict of tensors).
+        budget: peak bytes beyond the parameters, buffers and batch (an int), or a float in (0, 1]: that
+            fraction of the no-remat step's peak of such memory. ``None``: no recomputation (the baseline).
+        method: a solver of :func:`memfit.remat.solve` (``"budget"``, ``"twremat"``, ``"checkpoint"``, ...).
+        cost: ``"flops"`` (estimated from FLOPs and bytes moved) or ``"profile"`` (measured per op).
+
+    Returns:
+        The :class:`RematStep`; it is compiled for ``example_batch`` right away, so errors surface here.
+
+    Raises:
+        InfeasibleBudget: the budget is below what the step needs; ``min_peak`` is the smallest feasible budget
+            (non-input bytes).
+        UnsupportedGraph: the step cannot be captured (the message names the op or the cause).
+    """
+    if budget is not None:
+        _budget_bytes(budget, 1)  # type and range errors before the (slow) capture
+    step = RematStep(model, loss_fn, budget=budget, method=method, cost=cost)
+    step.prepare(example_batch)
+    return step

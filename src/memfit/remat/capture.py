@@ -1,0 +1,498 @@
+"""Capture a PyTorch training step (forward + backward) as a :class:`memfit.remat.Graph`.
+
+The joint forward+backward graph is traced once per batch shape with AOTAutograd's export (``make_fx`` over
+the functionalized module, with fake tensors, so capture allocates no real activation memory). Every value of
+that graph becomes a node of a framework-free :class:`~memfit.remat.Graph`:
+
+- placeholders (parameters, buffers, the flattened batch) are ``input`` nodes;
+- the loss, the gradients and the new values of mutated buffers are ``output`` nodes;
+- an op's output is a node whose ``bytes`` is its storage size, or 0 for a view (an output that aliases an
+  argument), which instead keeps its *root base* alive: every user of a view also depends on the base, so a
+  schedule can never free a base while one of its views is still needed;
+- an op with several outputs (``native_layer_norm``, ``native_dropout``, ``convolution_backward``...) becomes one
+  node per used output, each depending on the op's arguments; the lowering runs the op once for siblings that
+  are computed together (see :mod:`memfit.remat.lower`);
+- random ops (``Tag.nondeterministic_seeded``, e.g. dropout) and ops with side effects are not recomputable.
+
+Costs are seconds, estimated per node from FLOPs (``torch.utils.flop_counter``'s formulas) plus bytes moved,
+at rates calibrated once on the device (``cost="flops"``), or measured by running the captured graph on real
+tensors (``cost="profile"``).
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import flop_registry
+
+from memfit.remat._graph import Graph
+
+CostModel = Literal["flops", "profile"]
+
+__all__ = ["CapturedStep", "UnsupportedGraph", "capture"]
+
+
+class UnsupportedGraph(Exception):  # noqa: N818 -- named in the design of record
+    """The training step cannot be captured or scheduled; ``op`` names the culprit, ``reason`` says why."""
+
+    def __init__(self, *, op: str, reason: str) -> None:
+        self.op = op
+        self.reason = reason
+        super().__init__(f"cannot capture the training step at {op}: {reason}")
+
+
+def _aot_export_joint(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[fx.GraphModule, Any]:
+    """AOTAutograd's joint forward+backward export (private torch API, kept in this one place)."""
+    from torch._functorch.aot_autograd import aot_export_module
+
+    return aot_export_module(module, args, trace_joint=True, output_loss_index=0)
+
+
+@dataclass(frozen=True)
+class ValueRef:
+    """Where the value of one graph node comes from in the captured fx graph.
+
+    Attributes:
+        node: the fx node of the op (for a multi-output op, the op itself, not its ``getitem``).
+        index: which output of a multi-output op, else ``None``.
+        view_of: graph id of the root base when this value is a view of another value, else ``None``.
+        random: the op draws random numbers (its position among random ops, in capture order), else ``None``.
+    """
+
+    node: fx.Node
+    index: int | None
+    view_of: int | None
+    random: int | None
+
+
+@dataclass
+class CapturedStep:
+    """A captured training step: the joint fx graph, its :class:`Graph`, and how the two map onto each other.
+
+    Attributes:
+        gm: the functionalized joint forward+backward graph (aten ops), inputs ``params, buffers, *batch``.
+        graph: the framework-free graph the solvers schedule.
+        refs: for each graph node id, where its value comes from (``None`` for inputs).
+        placeholder_ids: graph node id of each fx placeholder, in call order.
+        param_names: names of the parameters, in call order (the first ``len(param_names)`` placeholders).
+        buffer_names: names of the buffers, in call order (after the parameters).
+        output_ids: graph node id of each fx output, in the fx output tuple's order.
+        loss_index: which fx output is the loss.
+        grad_outputs: parameter name -> index in the fx outputs of its gradient.
+        buffer_outputs: buffer name -> index in the fx outputs of its new value.
+        batch_spec: the pytree spec of the batch (the lowered step checks a new batch against it).
+        batch_meta: (shape, dtype, device) of each flattened batch tensor.
+        n_random: number of random ops (each gets its own seed when the step runs).
+        capture_seconds: wall time of the trace and graph construction.
+        id_of: fx node (or (fx node, output index)) -> graph node id.
+    """
+
+    gm: fx.GraphModule
+    graph: Graph
+    refs: list[ValueRef | None]
+    placeholder_ids: list[int]
+    param_names: list[str]
+    buffer_names: list[str]
+    output_ids: list[int]
+    loss_index: int
+    grad_outputs: dict[str, int]
+    buffer_outputs: dict[str, int]
+    batch_spec: pytree.TreeSpec
+    batch_meta: list[tuple[torch.Size, torch.dtype, torch.device]]
+    n_random: int
+    capture_seconds: float
+    id_of: dict[Any, int] = field(default_factory=dict)
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of the inputs (parameters, buffers, batch): resident for the whole step."""
+        return sum(self.graph.bytes(v) for v in self.placeholder_ids)
+
+
+class _LossModule(torch.nn.Module):
+    """``forward(*flat_batch) -> (loss,)``: the shape AOTAutograd's joint export expects."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batch_spec: pytree.TreeSpec | None = None
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor]:
+        assert self.batch_spec is not None
+        batch = pytree.tree_unflatten(list(flat), self.batch_spec)
+        loss = self.loss_fn(self.model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
+        return (loss.reshape(()),)
+
+
+def flatten_batch(batch: Any) -> tuple[list[torch.Tensor], pytree.TreeSpec]:
+    """Flatten a tensor, or a tuple/list/dict of tensors, into a list of tensors and its spec."""
+    leaves, spec = pytree.tree_flatten(batch)
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"the batch must be a tensor or a (nested) tuple/list/dict of tensors; found a {type(leaf).__name__}"
+            )
+    if not leaves:
+        raise ValueError("the batch holds no tensor")
+    return leaves, spec
+
+
+def _storage_bytes(val: torch.Tensor) -> int:
+    try:
+        return int(val.untyped_storage().nbytes())
+    except (NotImplementedError, RuntimeError):
+        return val.numel() * val.element_size()
+
+
+def _alias_arg(node: fx.Node, out_index: int) -> fx.Node | None:
+    """The argument that output ``out_index`` of ``node`` aliases (a view), or ``None``."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return None
+    returns = schema.returns
+    ret = returns[min(out_index, len(returns) - 1)]
+    alias = ret.alias_info
+    if alias is None:
+        return None
+    if alias.is_write:
+        raise UnsupportedGraph(op=str(node.target), reason="it writes into an argument (an in-place op)")
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.before_set & alias.before_set:
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if isinstance(value, fx.Node):
+                return value
+    first = next((a for a in node.args if isinstance(a, fx.Node)), None)
+    return first
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    for a in pytree.tree_leaves((node.args, node.kwargs)):
+        if isinstance(a, fx.Node) and a not in found:
+            found.append(a)
+    return found
+
+
+@dataclass
+class _Rates:
+    flops_per_s: float
+    bytes_per_s: float
+    op_overhead_s: float
+
+
+_RATES: dict[str, _Rates] = {}
+
+
+def _calibrate(device: torch.device) -> _Rates:
+    """Measure matmul FLOP rate, memory bandwidth and per-op overhead of ``device`` once per process."""
+    key = str(device)
+    if key in _RATES:
+        return _RATES[key]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def best(fn: Callable[[], object], reps: int = 5) -> float:
+        fn()
+        sync()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    n = 512 if device.type == "cpu" else 4096
+    a = torch.randn(n, n, device=device)
+    flops = 2 * n**3 / best(lambda: a @ a)
+    big = torch.empty(4 * 2**20, device=device)  # 16 MiB: beyond most caches on the devices we run on
+    bandwidth = 2 * big.numel() * 4 / best(lambda: big.mul(2.0))
+    tiny = torch.empty(1, device=device)
+    overhead = best(lambda: [tiny.add(1) for _ in range(100)]) / 100
+    rates = _Rates(flops_per_s=flops, bytes_per_s=bandwidth, op_overhead_s=overhead)
+    _RATES[key] = rates
+    return rates
+
+
+def _estimate_cost(node: fx.Node, out_bytes: int, is_view: bool, rates: _Rates) -> float:
+    """Seconds for one op: FLOPs at the matmul rate + bytes read and written at the bandwidth + dispatch."""
+    if is_view:
+        return rates.op_overhead_s * 0.5
+    flops = 0
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet is not None and packet in flop_registry:
+        args, kwargs = pytree.tree_map_only(fx.Node, lambda a: a.meta.get("val"), (node.args, node.kwargs))
+        try:
+            flops = int(flop_registry[packet](*args, out_val=node.meta.get("val"), **kwargs))
+        except Exception:  # a formula that does not accept this overload's arguments: bytes moved only
+            flops = 0
+    read = 0
+    for a in _tensor_args(node):
+        val = a.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            read += val.numel() * val.element_size()
+    return flops / rates.flops_per_s + (read + out_bytes) / rates.bytes_per_s + rates.op_overhead_s
+
+
+def capture(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    example_batch: Any,
+    *,
+    cost: CostModel = "flops",
+) -> CapturedStep:
+    """Trace one training step of ``model`` into a schedulable graph. Allocates no activation memory.
+
+    Args:
+        model: the module to train; its parameters with ``requires_grad`` get gradients.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        example_batch: a tensor or a (nested) tuple/list/dict of tensors; fixes shapes and dtypes.
+        cost: ``"flops"`` (FLOPs + bytes moved at calibrated rates) or ``"profile"`` (time each op on real
+            tensors: a real step's memory is allocated once).
+
+    Returns:
+        The :class:`CapturedStep`.
+
+    Raises:
+        UnsupportedGraph: the model cannot be traced, mutates its batch in place, or uses an op memfit cannot
+            schedule. The message names the cause.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if cost not in ("flops", "profile"):
+        raise ValueError(f"cost must be 'flops' or 'profile', got {cost!r}")
+    t0 = time.perf_counter()
+    flat, spec = flatten_batch(example_batch)
+    wrapper = _LossModule(model, loss_fn)
+    wrapper.batch_spec = spec
+    try:
+        gm, sig = _aot_export_joint(wrapper, tuple(flat))
+    except (UnsupportedGraph, ValueError, TypeError):
+        raise
+    except Exception as exc:  # the tracer's own errors are many and private: name the cause, keep the chain
+        raise UnsupportedGraph(op="<trace>", reason=f"{type(exc).__name__}: {exc}".split("\n")[0][:500]) from exc
+
+    if sig.user_inputs_to_mutate:
+        raise UnsupportedGraph(op="<batch>", reason="loss_fn mutates its batch in place; pass a copy instead")
+    if getattr(sig, "parameters_to_mutate", None):
+        raise UnsupportedGraph(op="<parameters>", reason="the forward mutates parameters in place")
+
+    device = flat[0].device
+    records, id_of, n_random = _analyze(gm)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    out_args = list(out_node.args[0])
+    output_ids = [id_of[_key(a)] for a in out_args]
+    outputs = set(output_ids)
+    for gid in output_ids:  # an output that is a view keeps its base resident to the end
+        ref = records[gid].ref
+        if ref is not None and ref.view_of is not None:
+            outputs.add(ref.view_of)
+    if cost == "profile":
+        costs = _profile_costs(gm, records, sig, model, flat)
+    else:
+        rates = _calibrate(device)
+        costs = [
+            0.0 if r.ref is None else _estimate_cost(r.ref.node, r.nbytes, r.ref.view_of is not None, rates)
+            for r in records
+        ]
+    _share_sibling_costs(records, costs)
+    graph = _make_graph(records, costs, outputs)
+
+    out_names = [a.name for a in out_args]
+    return CapturedStep(
+        gm=gm,
+        graph=graph,
+        refs=[r.ref for r in records],
+        placeholder_ids=[gid for gid, r in enumerate(records) if r.placeholder],
+        param_names=list(sig.parameters),
+        buffer_names=list(sig.buffers),
+        output_ids=output_ids,
+        loss_index=out_names.index(sig.user_outputs[0]),
+        grad_outputs={p: out_names.index(n) for n, p in sig.backward_signature.gradients_to_parameters.items()},
+        buffer_outputs={b: out_names.index(n) for n, b in sig.buffers_to_mutate.items()},
+        batch_spec=spec,
+        batch_meta=[(t.shape, t.dtype, t.device) for t in flat],
+        n_random=n_random,
+        capture_seconds=time.perf_counter() - t0,
+        id_of=id_of,
+    )
+
+
+def _key(node: fx.Node) -> Any:
+    """Graph-id key of an fx value: a getitem of a multi-output op is keyed by (op node, index)."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return (node.args[0], node.args[1])
+    return node
+
+
+@dataclass
+class _Record:
+    key: Any
+    name: str
+    nbytes: int
+    deps: list[int]
+    ref: ValueRef | None
+    recomputable: bool
+    placeholder: bool
+
+
+def _analyze(gm: fx.GraphModule) -> tuple[list[_Record], dict[Any, int], int]:
+    """One record per schedulable value of ``gm``, in topological order (record index = graph node id)."""
+    records: list[_Record] = []
+    id_of: dict[Any, int] = {}
+    n_random = 0
+
+    def root(gid: int) -> int:
+        ref = records[gid].ref
+        return ref.view_of if ref is not None and ref.view_of is not None else gid
+
+    def deps_of(node: fx.Node) -> list[int]:
+        deps: list[int] = []
+        for a in _tensor_args(node):
+            k = _key(a)
+            if k not in id_of:
+                raise UnsupportedGraph(op=str(node.target), reason=f"its argument {a.name} is not a tensor value")
+            gid = id_of[k]
+            for d in (gid, root(gid)):  # a view's users also need its base resident
+                if d not in deps:
+                    deps.append(d)
+        return deps
+
+    def add(key: Any, name: str, val: torch.Tensor, node: fx.Node, index: int | None, deps: list[int],
+            random: int | None) -> int:
+        alias = _alias_arg(node, index or 0)
+        view_of = root(id_of[_key(alias)]) if alias is not None else None
+        nbytes = 0 if view_of is not None else _storage_bytes(val)
+        ref = ValueRef(node=node, index=index, view_of=view_of, random=random)
+        id_of[key] = len(records)
+        records.append(_Record(key, name, nbytes, deps, ref, random is None and not _is_impure(node), False))
+        return id_of[key]
+
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            val = getattr(gm, str(node.target)) if node.op == "get_attr" else node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise UnsupportedGraph(op=node.name, reason="a graph input that is not a tensor")
+            id_of[node] = len(records)
+            records.append(_Record(node, node.name, _storage_bytes(val), [], None, False, node.op == "placeholder"))
+            continue
+        if node.op == "output" or (node.op == "call_function" and node.target is operator.getitem):
+            continue  # a getitem is handled with its multi-output op
+        if node.op != "call_function":
+            raise UnsupportedGraph(op=str(node.target), reason=f"unexpected fx node kind {node.op!r}")
+        val = node.meta.get("val")
+        random = None
+        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+            random = n_random
+            n_random += 1
+        if isinstance(val, torch.Tensor):
+            add(node, node.name, val, node, None, deps_of(node), random)
+        elif isinstance(val, (tuple, list)):
+            deps = deps_of(node)
+            users = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: int(u.args[1]))
+            first: int | None = None
+            for u in users:
+                i = int(u.args[1])
+                if (node, i) in id_of or not isinstance(val[i], torch.Tensor):
+                    continue
+                # the outputs of one random op must come from one call: chain them so they stay in order
+                d = deps if first is None or random is None else [*deps, first]
+                gid = add((node, i), u.name, val[i], node, i, d, random)
+                first = gid if first is None else first
+        elif val is None and not node.users:
+            continue  # an assertion-like op with no result: nothing to schedule
+        else:
+            raise UnsupportedGraph(op=str(node.target), reason=f"an output of type {type(val).__name__}")
+    return records, id_of, n_random
+
+
+def _share_sibling_costs(records: list[_Record], costs: list[float]) -> None:
+    """One op call makes all outputs of a multi-output op: its largest output carries the cost, the others a
+    dispatch's worth (the lowering runs the op once for siblings computed together)."""
+    groups: dict[fx.Node, list[int]] = {}
+    for gid, r in enumerate(records):
+        if r.ref is not None and r.ref.index is not None:
+            groups.setdefault(r.ref.node, []).append(gid)
+    for members in groups.values():
+        head = max(members, key=lambda g: (records[g].nbytes, -g))
+        floor = min(costs[g] for g in members)
+        for g in members:
+            if g != head:
+                costs[g] = min(costs[g], floor * 0.01)
+
+
+def _make_graph(records: list[_Record], costs: list[float], outputs: set[int]) -> Graph:
+    graph = Graph()
+    for gid, r in enumerate(records):
+        is_input = r.ref is None
+        got = graph.add(
+            r.name,
+            r.nbytes,
+            cost=0.0 if is_input else costs[gid],
+            deps=() if is_input else r.deps,
+            input=is_input,
+            output=gid in outputs and not is_input,
+            recomputable=r.recomputable if not is_input else True,
+        )
+        assert got == gid
+    return graph
+
+
+def _is_impure(node: fx.Node) -> bool:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        schema = target._schema
+        return bool(schema.is_mutable) or any(
+            a.alias_info is not None and a.alias_info.is_write for a in schema.arguments
+        )
+    return False
+
+
+def module_tensors(model: torch.nn.Module, names: Sequence[str]) -> list[torch.Tensor]:
+    """The parameters and buffers of ``model`` named ``names`` (as the captured graph names them), in order."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    # the graph names them as attributes of _LossModule, i.e. with a "model." prefix
+    return [named[n.removeprefix("model.")] for n in names]
+
+
+def _profile_costs(
+    gm: fx.GraphModule, records: list[_Record], sig: Any, model: torch.nn.Module, flat: Sequence[torch.Tensor]
+) -> list[float]:
+    """Measured seconds per record: run the captured graph once on real tensors, timing each op."""
+    device = flat[0].device
+    per_node: dict[fx.Node, float] = {}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    class _Timer(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            if n.op != "call_function" or n.target is operator.getitem:
+                return super().run_node(n)
+            sync()
+            t0 = time.perf_counter()
+            out = super().run_node(n)
+            sync()
+            per_node[n] = time.perf_counter() - t0
+            return out
+
+    # buffers are inputs of the functional graph (their new values are outputs), so nothing is mutated;
+    # fork the RNG so that profiling does not shift the user's random stream
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        _Timer(gm).run(*module_tensors(model, [*sig.parameters, *sig.buffers]), *flat)
+    return [0.0 if r.ref is None else per_node.get(r.ref.node, 0.0) for r in records]

@@ -1,0 +1,200 @@
+"""Capture a training step, lower schedules of it, and check them against autograd and against each other."""
+
+import copy
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memfit.memory import track
+from memfit.remat import solve
+from memfit.remat.capture import UnsupportedGraph, capture, module_tensors
+from memfit.remat.lower import lower
+
+from .models import cnn, image_batch, mlp, vector_batch, xent
+from ._schedules import evicting_schedule
+
+
+def _args(model, cap, flat, seed=1234):
+    args = module_tensors(model, [*cap.param_names, *cap.buffer_names]) + list(flat)
+    return [*args, seed] if cap.n_random else args
+
+
+def _run(model, cap, schedule, flat, seed=1234):
+    gm = lower(cap, schedule)
+    with torch.no_grad():
+        return gm(*_args(model, cap, flat, seed))
+
+
+def _eager(model, batch):
+    m = copy.deepcopy(model)
+    loss = xent(m, batch)
+    loss.backward()
+    return m, loss.detach()
+
+
+@pytest.mark.parametrize(
+    "make_model, batch",
+    [(lambda: mlp(width=32, depth=4), vector_batch(16, 32)), (lambda: cnn(c=6, blocks=2), image_batch(4, 8))],
+    ids=["mlp", "cnn-bn-residual"],
+)
+def test_noremat_lowering_equals_captured_graph_bitwise_and_autograd(make_model, batch):
+    torch.manual_seed(0)
+    model = make_model()
+    cap = capture(model, xent, batch)
+    with torch.no_grad():
+        captured = cap.gm(*_args(model, cap, batch))
+    lowered = _run(model, cap, solve(cap.graph, None, method="noremat"), batch)
+    assert len(lowered) == len(captured)
+    for a, b in zip(lowered, captured, strict=True):
+        assert torch.equal(a, b)
+
+    ref, loss = _eager(model, batch)
+    torch.testing.assert_close(lowered[cap.loss_index], loss)
+    grads = dict(ref.named_parameters())
+    assert set(cap.grad_outputs) == {f"model.{n}" for n in grads}
+    for name, i in cap.grad_outputs.items():
+        torch.testing.assert_close(lowered[i], grads[name.removeprefix("model.")].grad, rtol=1e-5, atol=1e-6)
+
+
+def test_graph_inputs_outputs_and_views_follow_the_capture():
+    torch.manual_seed(0)
+    model = cnn(c=4, blocks=1)
+    batch = image_batch(2, 8)
+    cap = capture(model, xent, batch)
+    g = cap.graph
+    n_params = sum(1 for _ in model.parameters())
+    n_buffers = sum(1 for _ in model.buffers())
+    assert len(cap.placeholder_ids) == n_params + n_buffers + 2
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    batch_bytes = sum(t.numel() * t.element_size() for t in batch)
+    assert g.input_bytes == param_bytes + buffer_bytes + batch_bytes
+    # outputs: the loss, one gradient per parameter, the new value of every buffer (and bases of output views)
+    assert set(cap.output_ids) <= set(g.outputs)
+    assert len(cap.grad_outputs) == n_params and len(cap.buffer_outputs) == n_buffers
+    # a view costs no bytes, and its users depend on its base as well
+    views = [v for v, r in enumerate(cap.refs) if r is not None and r.view_of is not None]
+    assert views
+    for v in views:
+        assert g.nbytes(v) == 0
+        for u in g.users(v):
+            assert cap.refs[v].view_of in g.deps(u)
+
+
+@settings(max_examples=12, deadline=None)
+@given(frac=st.floats(0.05, 1.0), seed=st.integers(0, 10_000))
+def test_every_valid_schedule_gives_bitwise_identical_results(frac, seed):
+    """Recomputation never changes a value: random eviction sets, dropout and LayerNorm included."""
+    model, batch, cap, reference = _dropout_setup()
+    rng = random.Random(seed)
+    evict = {v for v in range(len(cap.graph)) if rng.random() < frac}
+    schedule = evicting_schedule(cap.graph, evict)
+    out = _run(model, cap, schedule, batch)
+    for a, b in zip(out, reference, strict=True):
+        assert torch.equal(a, b)
+
+
+_SETUP: dict = {}
+
+
+def _dropout_setup():
+    if not _SETUP:
+        torch.manual_seed(0)
+        model = mlp(width=16, depth=3, dropout=0.3)
+        batch = vector_batch(8, 16)
+        cap = capture(model, xent, batch)
+        ref = _run(model, cap, solve(cap.graph, None, method="noremat"), batch)
+        _SETUP.update(model=model, batch=batch, cap=cap, ref=ref)
+    return _SETUP["model"], _SETUP["batch"], _SETUP["cap"], _SETUP["ref"]
+
+
+def test_random_ops_are_never_recomputed_and_their_masks_do_not_depend_on_the_schedule():
+    model, batch, cap, reference = _dropout_setup()
+    g = cap.graph
+    random_nodes = [v for v, r in enumerate(cap.refs) if r is not None and r.random is not None]
+    assert random_nodes and all(not g.is_recomputable(v) for v in random_nodes)
+    everything = evicting_schedule(g, set(range(len(g))))
+    computes = [v for kind, v in everything.events if kind == "compute"]
+    for v in random_nodes:
+        assert computes.count(v) <= 1
+    # the same seed gives the same masks under any schedule; another seed gives other masks
+    again = _run(model, cap, everything, batch, seed=1234)
+    other = _run(model, cap, everything, batch, seed=99)
+    assert torch.equal(again[cap.loss_index], reference[cap.loss_index])
+    assert not torch.equal(other[cap.loss_index], reference[cap.loss_index])
+
+
+def test_measured_peak_of_noremat_step_equals_prediction():
+    torch.manual_seed(0)
+    model = mlp(width=64, depth=4)
+    batch = vector_batch(64, 64)
+    cap = capture(model, xent, batch)
+    schedule = solve(cap.graph, None, method="noremat")
+    gm = lower(cap, schedule)
+    args = _args(model, cap, batch)
+    with torch.no_grad(), track() as t:
+        out = gm(*args)
+        del out
+    predicted = schedule.simulate().peak - cap.graph.input_bytes
+    assert t.report.peak_bytes == pytest.approx(predicted, rel=0.02)
+
+
+def test_profile_costs_are_measured_seconds():
+    torch.manual_seed(0)
+    model = mlp(width=32, depth=2)
+    batch = vector_batch(8, 32)
+    cap = capture(model, xent, batch, cost="profile")
+    g = cap.graph
+    costs = [g.cost(v) for v in range(len(g)) if not g.is_input(v)]
+    assert all(c >= 0 for c in costs) and sum(costs) > 0
+    assert sum(costs) < 5.0  # seconds for a step of a tiny MLP
+
+
+def test_untraceable_model_gives_a_clear_error_and_leaves_the_model_untouched():
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.lin(x)
+            if h.sum() > 0:  # data-dependent Python control flow cannot be captured
+                return h
+            return -h
+
+    model = DataDependent()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedGraph, match="cannot capture"):
+        capture(model, lambda m, b: m(b).sum(), torch.randn(2, 4))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_in_place_mutation_of_the_batch_is_rejected():
+    model = torch.nn.Linear(4, 4)
+
+    def mutating_loss(m, b):
+        b.mul_(2)
+        return m(b).sum()
+
+    batch = torch.randn(2, 4)
+    before = batch.clone()
+    with pytest.raises(UnsupportedGraph, match="mutates its batch"):
+        capture(model, mutating_loss, batch)
+    assert torch.equal(batch, before)
+
+
+def test_bad_arguments_are_reported():
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(TypeError, match="nn.Module"):
+        capture(lambda x: x, xent, torch.randn(2, 4))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cost must be"):
+        capture(model, lambda m, b: m(b).sum(), torch.randn(2, 4), cost="guess")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="batch must be a tensor"):
+        capture(model, lambda m, b: m(b[0]).sum(), (torch.randn(2, 4), "label"))
+    with pytest.raises(ValueError, match="scalar"):
+        capture(model, lambda m, b: m(b), torch.randn(2, 4))
