@@ -13,8 +13,8 @@ from memfit.remat import solve
 from memfit.remat.capture import UnsupportedGraph, capture, module_tensors
 from memfit.remat.lower import lower
 
-from .models import cnn, image_batch, mlp, vector_batch, xent
 from ._schedules import evicting_schedule
+from .models import cnn, image_batch, mlp, vector_batch, xent
 
 
 def _args(model, cap, flat, seed=1234):
@@ -190,7 +190,7 @@ def test_in_place_mutation_of_the_batch_is_rejected():
 
 def test_bad_arguments_are_reported():
     model = torch.nn.Linear(4, 4)
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         capture(lambda x: x, xent, torch.randn(2, 4))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cost must be"):
         capture(model, lambda m, b: m(b).sum(), torch.randn(2, 4), cost="guess")  # type: ignore[arg-type]

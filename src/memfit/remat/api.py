@@ -20,7 +20,8 @@ import torch.fx as fx
 
 from memfit.remat._errors import InfeasibleBudget
 from memfit.remat._schedule import Schedule
-from memfit.remat.capture import CapturedStep, CostModel, capture, module_tensors, flatten_batch
+from memfit.remat._solve import Method
+from memfit.remat.capture import CapturedStep, CostModel, capture, flatten_batch, module_tensors
 from memfit.remat.lower import lower
 
 __all__ = ["RematPlan", "RematStep", "compile"]
@@ -63,7 +64,9 @@ class RematPlan:
     def report(self) -> str:
         """A few readable lines."""
         mib = 2.0**20
-        budget = "none (no recomputation)" if self.budget_bytes is None else f"{self.budget_bytes / mib:,.2f} MiB"
+        budget = (
+            "none (no recomputation)" if self.budget_bytes is None else f"{self.budget_bytes / mib:,.2f} MiB"
+        )
         ratio = self.peak_bytes / self.noremat_peak_bytes if self.noremat_peak_bytes else 1.0
         return "\n".join(
             [
@@ -104,7 +107,7 @@ class RematStep:
         loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
         *,
         budget: int | float | None,
-        method: str,
+        method: Method,
         cost: CostModel,
     ) -> None:
         self.model = model
@@ -200,7 +203,10 @@ class RematStep:
         captured = compiled.captured
         params = dict(self.model.named_parameters(remove_duplicate=False))
         buffers = dict(self.model.named_buffers(remove_duplicate=False))
-        args: list[Any] = [*module_tensors(self.model, [*captured.param_names, *captured.buffer_names]), *flat]
+        args: list[Any] = [
+            *module_tensors(self.model, [*captured.param_names, *captured.buffer_names]),
+            *flat,
+        ]
         if captured.n_random:
             # one draw from the global generator per step: steps differ, schedules of one step agree
             args.append(int(torch.randint(0, 2**62, (), dtype=torch.int64).item()))
@@ -235,13 +241,13 @@ def _budget_bytes(budget: int | float, noremat_non_input: int) -> int:
     return budget
 
 
-def compile(  # noqa: A001 -- mirrors torch.compile; reached as memfit.remat.compile
+def compile(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
     example_batch: Any,
     *,
     budget: int | float | None = None,
-    method: str = "budget",
+    method: Method = "budget",
     cost: CostModel = "flops",
 ) -> RematStep:
     """Capture ``model``'s training step and schedule it to fit ``budget``.

@@ -39,7 +39,7 @@ CostModel = Literal["flops", "profile"]
 __all__ = ["CapturedStep", "UnsupportedGraph", "capture"]
 
 
-class UnsupportedGraph(Exception):  # noqa: N818 -- named in the design of record
+class UnsupportedGraph(Exception):
     """The training step cannot be captured or scheduled; ``op`` names the culprit, ``reason`` says why."""
 
     def __init__(self, *, op: str, reason: str) -> None:
@@ -52,7 +52,9 @@ def _aot_export_joint(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -
     """AOTAutograd's joint forward+backward export (private torch API, kept in this one place)."""
     from torch._functorch.aot_autograd import aot_export_module
 
-    return aot_export_module(module, args, trace_joint=True, output_loss_index=0)
+    gm, sig = aot_export_module(module, args, trace_joint=True, output_loss_index=0)
+    assert isinstance(gm, fx.GraphModule)
+    return gm, sig
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class CapturedStep:
     @property
     def input_bytes(self) -> int:
         """Bytes of the inputs (parameters, buffers, batch): resident for the whole step."""
-        return sum(self.graph.bytes(v) for v in self.placeholder_ids)
+        return sum(self.graph.nbytes(v) for v in self.placeholder_ids)
 
 
 class _LossModule(torch.nn.Module):
@@ -283,7 +285,9 @@ def capture(
     except (UnsupportedGraph, ValueError, TypeError):
         raise
     except Exception as exc:  # the tracer's own errors are many and private: name the cause, keep the chain
-        raise UnsupportedGraph(op="<trace>", reason=f"{type(exc).__name__}: {exc}".split("\n")[0][:500]) from exc
+        raise UnsupportedGraph(
+            op="<trace>", reason=f"{type(exc).__name__}: {exc}".split("\n")[0][:500]
+        ) from exc
 
     if sig.user_inputs_to_mutate:
         raise UnsupportedGraph(op="<batch>", reason="loss_fn mutates its batch in place; pass a copy instead")
@@ -321,7 +325,9 @@ def capture(
         buffer_names=list(sig.buffers),
         output_ids=output_ids,
         loss_index=out_names.index(sig.user_outputs[0]),
-        grad_outputs={p: out_names.index(n) for n, p in sig.backward_signature.gradients_to_parameters.items()},
+        grad_outputs={
+            p: out_names.index(n) for n, p in sig.backward_signature.gradients_to_parameters.items()
+        },
         buffer_outputs={b: out_names.index(n) for n, b in sig.buffers_to_mutate.items()},
         batch_spec=spec,
         batch_meta=[(t.shape, t.dtype, t.device) for t in flat],
@@ -364,15 +370,24 @@ def _analyze(gm: fx.GraphModule) -> tuple[list[_Record], dict[Any, int], int]:
         for a in _tensor_args(node):
             k = _key(a)
             if k not in id_of:
-                raise UnsupportedGraph(op=str(node.target), reason=f"its argument {a.name} is not a tensor value")
+                raise UnsupportedGraph(
+                    op=str(node.target), reason=f"its argument {a.name} is not a tensor value"
+                )
             gid = id_of[k]
             for d in (gid, root(gid)):  # a view's users also need its base resident
                 if d not in deps:
                     deps.append(d)
         return deps
 
-    def add(key: Any, name: str, val: torch.Tensor, node: fx.Node, index: int | None, deps: list[int],
-            random: int | None) -> int:
+    def add(
+        key: Any,
+        name: str,
+        val: torch.Tensor,
+        node: fx.Node,
+        index: int | None,
+        deps: list[int],
+        random: int | None,
+    ) -> int:
         alias = _alias_arg(node, index or 0)
         view_of = root(id_of[_key(alias)]) if alias is not None else None
         nbytes = 0 if view_of is not None else _storage_bytes(val)
@@ -387,7 +402,9 @@ def _analyze(gm: fx.GraphModule) -> tuple[list[_Record], dict[Any, int], int]:
             if not isinstance(val, torch.Tensor):
                 raise UnsupportedGraph(op=node.name, reason="a graph input that is not a tensor")
             id_of[node] = len(records)
-            records.append(_Record(node, node.name, _storage_bytes(val), [], None, False, node.op == "placeholder"))
+            records.append(
+                _Record(node, node.name, _storage_bytes(val), [], None, False, node.op == "placeholder")
+            )
             continue
         if node.op == "output" or (node.op == "call_function" and node.target is operator.getitem):
             continue  # a getitem is handled with its multi-output op
@@ -402,7 +419,9 @@ def _analyze(gm: fx.GraphModule) -> tuple[list[_Record], dict[Any, int], int]:
             add(node, node.name, val, node, None, deps_of(node), random)
         elif isinstance(val, (tuple, list)):
             deps = deps_of(node)
-            users = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: int(u.args[1]))
+            users = sorted(
+                (u for u in node.users if u.target is operator.getitem), key=lambda u: int(u.args[1])
+            )
             first: int | None = None
             for u in users:
                 i = int(u.args[1])
@@ -463,7 +482,7 @@ def _is_impure(node: fx.Node) -> bool:
 
 def module_tensors(model: torch.nn.Module, names: Sequence[str]) -> list[torch.Tensor]:
     """The parameters and buffers of ``model`` named ``names`` (as the captured graph names them), in order."""
-    named = dict(model.named_parameters(remove_duplicate=False))
+    named: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     named.update(model.named_buffers(remove_duplicate=False))
     # the graph names them as attributes of _LossModule, i.e. with a "model." prefix
     return [named[n.removeprefix("model.")] for n in names]

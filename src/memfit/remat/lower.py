@@ -36,8 +36,11 @@ def _seeded(target: Callable[..., Any], position: int) -> Callable[..., Any]:
 
     def random_op(seed: int, *args: Any, **kwargs: Any) -> Any:
         devices = sorted(
-            {a.device.index or 0 for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
-             and a.device.type == "cuda"}
+            {
+                a.device.index or 0
+                for a in pytree.tree_leaves((args, kwargs))
+                if isinstance(a, torch.Tensor) and a.device.type == "cuda"
+            }
         )
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed + position)
@@ -91,7 +94,9 @@ def lower(captured: CapturedStep, schedule: Schedule) -> fx.GraphModule:
         if ref is not None and ref.view_of is not None and ref.view_of in env:
             emit(gid)  # a view forgotten when its base was freed: re-create it from the base's current copy
             return env[gid]
-        raise RuntimeError(f"lowering: {captured.graph.name(gid)} is used but not resident (invalid schedule)")
+        raise RuntimeError(
+            f"lowering: {captured.graph.name(gid)} is used but not resident (invalid schedule)"
+        )
 
     def call(node: fx.Node) -> fx.Node:
         def arg(a: fx.Node) -> fx.Node:
@@ -134,7 +139,9 @@ def lower(captured: CapturedStep, schedule: Schedule) -> fx.GraphModule:
             later = {v for kind, v in events[at + 1 :] if kind == "compute"} if at >= 0 else set()
             return [s for s in group if s in later]
         taken = []
-        for kind, v in events[at + 1 :] if at >= 0 else []:  # the run of sibling computes right after this one
+        for kind, v in (
+            events[at + 1 :] if at >= 0 else []
+        ):  # the run of sibling computes right after this one
             if kind == "free":
                 continue
             if v in group and v not in env:
