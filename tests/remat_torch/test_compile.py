@@ -26,9 +26,9 @@ def _step_and_measure(step, model, batch):
     return loss, _grads(model), t.report.peak_bytes
 
 
-def _smallest_feasible(model, batch, method):
+def _smallest_feasible(step, batch, method):
     with pytest.raises(InfeasibleBudget) as exc:
-        memfit.remat.compile(model, xent, batch, budget=1, method=method)
+        step.with_budget(1, method).prepare(batch)
     return exc.value.min_peak
 
 
@@ -54,10 +54,13 @@ def test_budgets_give_bitwise_gradients_and_measured_peak_matches_prediction(mak
     for n, p in eager.named_parameters():
         torch.testing.assert_close(base_grads[n], p.grad, rtol=1e-5, atol=1e-6)
 
-    budgets: list[int | float] = [*BUDGETS, _smallest_feasible(copy.deepcopy(model), batch, "budget")]
-    for budget in budgets:
-        m = copy.deepcopy(model)
-        step = memfit.remat.compile(m, xent, batch, budget=budget, method="budget")
+    m = copy.deepcopy(model)
+    initial = copy.deepcopy(m.state_dict())
+    first = memfit.remat.compile(m, xent, batch)
+    for budget in [*BUDGETS, _smallest_feasible(first, batch, "budget")]:
+        m.load_state_dict(initial)  # BatchNorm statistics as before the step
+        step = first.with_budget(budget)  # the same capture, another schedule
+        step.prepare(batch)
         plan = step.plan
         assert plan.peak_bytes <= plan.budget_bytes
         loss, grads, measured = _step_and_measure(step, m, batch)
@@ -99,7 +102,7 @@ def test_a_new_batch_shape_is_captured_again_and_cached():
 
 def test_dropout_model_trains_and_random_nodes_run_once():
     torch.manual_seed(0)
-    model = mlp(width=32, depth=6, dropout=0.2)
+    model = mlp(width=32, depth=4, dropout=0.2)
     x, _ = vector_batch(256, 32)
     batch = (x, x[:, :10].argmax(dim=1))  # a learnable target
     step = memfit.remat.compile(model, xent, batch, budget=0.5)
@@ -116,7 +119,7 @@ def test_dropout_model_trains_and_random_nodes_run_once():
         torch.manual_seed(1)
         opt = torch.optim.Adam(m.parameters(), lr=1e-2)
         losses = []
-        for _ in range(40):
+        for _ in range(25):
             opt.zero_grad(set_to_none=True)
             losses.append(float(st(batch)))
             opt.step()
@@ -160,3 +163,17 @@ def test_plan_report_says_what_was_decided(capsys):
     d = step.plan.to_dict()
     assert d["peak_bytes"] <= d["budget_bytes"] <= d["noremat_peak_bytes"]
     assert d["cost_overhead"] >= 1.0
+
+
+def test_with_budget_reuses_the_capture_and_honours_the_new_budget():
+    torch.manual_seed(0)
+    model = mlp(width=32, depth=6)
+    batch = vector_batch(256, 32)
+    step = memfit.remat.compile(model, xent, batch)
+    tight = step.with_budget(0.5)
+    tight.prepare(batch)
+    assert tight.captured is step.captured
+    assert step.plan.budget_bytes is None
+    assert tight.plan.peak_bytes <= tight.plan.budget_bytes <= 0.5 * step.plan.peak_bytes + 1
+    with pytest.raises(ValueError, match="budget"):
+        step.with_budget(2.0)

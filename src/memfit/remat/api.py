@@ -116,7 +116,22 @@ class RematStep:
         self.method = method
         self.cost = cost
         self._cache: dict[tuple[Any, ...], _Compiled] = {}
+        # captures depend on the model and the batch shape only: steps made by with_budget share them
+        self._captures: dict[tuple[Any, ...], CapturedStep] = {}
         self._last: _Compiled | None = None
+
+    def with_budget(self, budget: int | float | None, method: Method | None = None) -> RematStep:
+        """A step for the same model and loss under another budget (or method), reusing this step's captures.
+
+        Capturing is the slow part of :func:`compile`; a sweep over budgets captures each batch shape once.
+        """
+        if budget is not None:
+            _budget_bytes(budget, 1)
+        other = RematStep(
+            self.model, self.loss_fn, budget=budget, method=method or self.method, cost=self.cost
+        )
+        other._captures = self._captures
+        return other
 
     @property
     def plan(self) -> RematPlan:
@@ -160,8 +175,11 @@ class RematStep:
     def _compile(self, flat: list[torch.Tensor], spec: Any) -> _Compiled:
         from memfit.remat import solve  # the solver registry lives in the package root
 
-        batch = torch.utils._pytree.tree_unflatten(flat, spec)
-        captured = capture(self.model, self.loss_fn, batch, cost=self.cost)
+        key = _shape_key(flat, spec)
+        if key not in self._captures:
+            batch = torch.utils._pytree.tree_unflatten(flat, spec)
+            self._captures[key] = capture(self.model, self.loss_fn, batch, cost=self.cost)
+        captured = self._captures[key]
         graph = captured.graph
         inputs = graph.input_bytes
         base = solve(graph, None, method="noremat")

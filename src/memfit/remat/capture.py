@@ -295,6 +295,8 @@ def capture(
         raise UnsupportedGraph(op="<parameters>", reason="the forward mutates parameters in place")
 
     device = flat[0].device
+    _drop_identity_dropouts(gm)
+    _drop_redundant_clones(gm)
     records, id_of, n_random = _analyze(gm)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     out_args = list(out_node.args[0])
@@ -335,6 +337,62 @@ def capture(
         capture_seconds=time.perf_counter() - t0,
         id_of=id_of,
     )
+
+
+def _drop_identity_dropouts(gm: fx.GraphModule) -> None:
+    """Remove ``native_dropout(x, p=0)``: the trace keeps a copy of x and a mask that eager autograd never makes.
+
+    Models built with dropout 0 (HF configs, most LLMs) still call their dropout modules; eager PyTorch returns the
+    input for p = 0, while the traced op allocates an output and a boolean mask that backward keeps alive.
+    """
+    aten = torch.ops.aten
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.target is not aten.native_dropout.default or float(node.args[1]) != 0.0:
+            continue
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                break
+            if user.args[1] == 0:  # the output is the input
+                user.replace_all_uses_with(node.args[0])
+            else:  # the mask only feeds native_dropout_backward(grad, mask, scale) = grad * mask * scale = grad
+                for back in list(user.users):
+                    if back.target is aten.native_dropout_backward.default and float(back.args[2]) == 1.0:
+                        back.replace_all_uses_with(back.args[0])
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+
+
+def _drop_redundant_clones(gm: fx.GraphModule) -> None:
+    """Replace ``clone(x)`` by ``x`` where the copy changes nothing: same strides, and nothing is ever mutated.
+
+    The trace turns ops that return their input unchanged in eager mode (``dropout(p=0)``, ``.to()`` of the same
+    dtype, ``contiguous()`` of a contiguous tensor) into clones; eager autograd then saves one tensor where the
+    traced graph would save two. The joint graph is functional, so sharing the storage is safe; clones that
+    are graph outputs or copy an input are kept (outputs must not alias each other or the parameters).
+    """
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = {a for a in pytree.tree_leaves(out_node.args) if isinstance(a, fx.Node)}
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.target is not torch.ops.aten.clone.default or node in outputs:
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or src.op == "placeholder":
+            continue
+        a, b = src.meta.get("val"), node.meta.get("val")
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            continue
+        same_layout = a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+        # a clone of a slice frees the rest of its base: keep it
+        if same_layout and a.storage_offset() == 0 and _storage_bytes(a) == _storage_bytes(b):
+            node.replace_all_uses_with(src)
+            changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
 
 
 def _key(node: fx.Node) -> Any:
