@@ -227,7 +227,7 @@ def worker_time(name: str, quick: bool, with_compile: bool, steps_per_cfg: int) 
     model, loss_fn, batch, _ = build(name, quick)
     steps, _ = make_steps(model, loss_fn, batch, with_compile=with_compile, quick=quick)
     times: dict[str, list[float]] = {cfg: [] for cfg in steps}
-    for cfg, fn in steps.items():  # warm-up
+    for fn in steps.values():  # warm-up
         for p in model.parameters():
             p.grad = None
         fn()
@@ -347,7 +347,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         "torch.compile": "tab:green",
     }
     markers = {"budget": "o", "twremat": "^", "checkpoint": "s", "noremat": "D"}
-    for ax, (name, res) in zip(axes[0], models.items(), strict=True):
+    for ax, res in zip(axes[0], models.values(), strict=True):
         cfgs = res["configs"]
         eager = cfgs["eager"]
         for cfg, r in cfgs.items():
