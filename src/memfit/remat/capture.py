@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import flop_registry
 
+from memfit import _compat
 from memfit.remat._graph import Graph
 
 CostModel = Literal["flops", "profile"]
@@ -46,15 +47,6 @@ class UnsupportedGraph(Exception):
         self.op = op
         self.reason = reason
         super().__init__(f"cannot capture the training step at {op}: {reason}")
-
-
-def _aot_export_joint(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[fx.GraphModule, Any]:
-    """AOTAutograd's joint forward+backward export (private torch API, kept in this one place)."""
-    from torch._functorch.aot_autograd import aot_export_module
-
-    gm, sig = aot_export_module(module, args, trace_joint=True, output_loss_index=0)
-    assert isinstance(gm, fx.GraphModule)
-    return gm, sig
 
 
 @dataclass(frozen=True)
@@ -281,7 +273,7 @@ def capture(
     wrapper = _LossModule(model, loss_fn)
     wrapper.batch_spec = spec
     try:
-        gm, sig = _aot_export_joint(wrapper, tuple(flat))
+        gm, sig = _compat.aot_export_joint(wrapper, tuple(flat))
     except (UnsupportedGraph, ValueError, TypeError):
         raise
     except Exception as exc:  # the tracer's own errors are many and private: name the cause, keep the chain

@@ -1,0 +1,102 @@
+"""The one place where memfit reaches private PyTorch APIs (house rule 8).
+
+Everything here is an underscored torch module or an internal that may move between releases. Importing
+it through this module means a torch upgrade breaks one place, with a message that says what to fix.
+Keep each entry small: a re-export or a thin function with a docstring naming the torch location.
+
+Supported torch range: see ``pyproject.toml`` (CI runs 2.13.0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# torch/utils/_python_dispatch.py: the base class of ``__torch_dispatch__`` modes, and the test for
+# tensor subclasses that wrap inner tensors (DTensor, NestedTensor, ...). Public in spirit (documented in
+# the "extending torch" notes) but living in an underscored module.
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    is_traceable_wrapper_subclass,
+    is_traceable_wrapper_subclass_type,
+)
+
+__all__ = [
+    "TorchDispatchMode",
+    "aot_export_joint",
+    "is_traceable_wrapper_subclass",
+    "is_traceable_wrapper_subclass_type",
+    "mem_tracker_class",
+    "no_python_dispatch",
+    "op_returns_alias",
+]
+
+
+def op_returns_alias(func: torch._ops.OpOverload) -> tuple[bool, bool]:
+    """Reads an ATen operator's schema: do its outputs alias an input, and does it write to one?
+
+    ``func._schema`` (torch/_ops.py) is the parsed native_functions.yaml signature; an output annotated
+    ``Tensor(a)`` is a view of an input, ``Tensor(a!)`` an input written in place (in-place and ``out=``
+    overloads).
+
+    Args:
+        func: the operator overload a ``TorchDispatchMode`` receives.
+
+    Returns:
+        ``(aliases, writes)``: whether any output carries alias information, and whether any alias
+        is a write.
+    """
+    aliases = False
+    writes = False
+    for ret in func._schema.returns:
+        info = ret.alias_info
+        if info is not None:
+            aliases = True
+            writes = writes or bool(info.is_write)
+    return aliases, writes
+
+
+def no_python_dispatch() -> Any:
+    """A context manager under which ops skip every ``__torch_dispatch__`` mode and subclass.
+
+    ``torch._C._DisableTorchDispatch`` (used by torch/utils/_python_dispatch.py). Only for plain tensors:
+    a FakeTensor or another Python subclass needs its own dispatch to run at all.
+    """
+    return torch._C._DisableTorchDispatch()
+
+
+def mem_tracker_class() -> Any:
+    """Returns ``torch.distributed._tools.mem_tracker.MemTracker``, torch's own module-level tracker.
+
+    memfit uses it only as an independent reference in tests.
+
+    Raises:
+        RuntimeError: if this torch build has no ``torch.distributed`` or the class moved.
+    """
+    if not torch.distributed.is_available():
+        raise RuntimeError("torch.distributed is not available in this torch build; MemTracker needs it")
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError as exc:  # moved or renamed in a newer torch
+        raise RuntimeError(
+            f"torch {torch.__version__}: torch.distributed._tools.mem_tracker.MemTracker not found ({exc})"
+        ) from exc
+    return MemTracker
+
+
+def aot_export_joint(
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...]
+) -> tuple[torch.fx.GraphModule, Any]:
+    """Trace ``module(*args) -> (loss,)`` and its backward into one functional aten graph.
+
+    ``torch._functorch.aot_autograd.aot_export_module(..., trace_joint=True)``: make_fx over the functionalized
+    module with fake tensors. The graph takes ``(*parameters, *buffers, *args)`` and returns the new values of
+    mutated buffers, the loss and the gradients; the returned signature (``GraphSignature``) names each of them.
+    """
+    from torch._functorch.aot_autograd import aot_export_module
+
+    gm, signature = aot_export_module(module, args, trace_joint=True, output_loss_index=0)
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise RuntimeError(f"torch {torch.__version__}: aot_export_module returned {type(gm).__name__}")
+    return gm, signature
