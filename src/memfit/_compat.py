@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import (
 __all__ = [
     "TorchDispatchMode",
     "aot_export_joint",
+    "fake_tensor_mode",
     "is_traceable_wrapper_subclass",
     "is_traceable_wrapper_subclass_type",
     "mem_tracker_class",
@@ -100,3 +101,14 @@ def aot_export_joint(
     if not isinstance(gm, torch.fx.GraphModule):
         raise RuntimeError(f"torch {torch.__version__}: aot_export_module returned {type(gm).__name__}")
     return gm, signature
+
+
+def fake_tensor_mode() -> Any:
+    """A new ``torch._subclasses.fake_tensor.FakeTensorMode``: tensors with shapes, dtypes and devices, no data.
+
+    ``mode.from_tensor(t)`` makes a fake twin of a real (or meta) tensor without allocating its data. Real tensors
+    may still flow into ops under it (``allow_non_fake_inputs``), e.g. a module's parameters.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)

@@ -11,7 +11,7 @@ that graph becomes a node of a framework-free :class:`~memfit.remat.Graph`:
   schedule can never free a base while one of its views is still needed;
 - an op with several outputs (``native_layer_norm``, ``native_dropout``, ``convolution_backward``...) becomes one
   node per used output, each depending on the op's arguments; the lowering runs the op once for siblings that
-  are computed together (see :mod:`memfit.remat.lower`);
+  are computed together (see :mod:`memfit.remat._lower`);
 - random ops (``Tag.nondeterministic_seeded``, e.g. dropout) and ops with side effects are not recomputable.
 
 Costs are seconds, estimated per node from FLOPs (``torch.utils.flop_counter``'s formulas) plus bytes moved,
@@ -190,6 +190,8 @@ _RATES: dict[str, _Rates] = {}
 
 def _calibrate(device: torch.device) -> _Rates:
     """Measure matmul FLOP rate, memory bandwidth and per-op overhead of ``device`` once per process."""
+    if device.type == "meta":  # planning without a device: estimate with this machine's CPU
+        device = torch.device("cpu")
     key = str(device)
     if key in _RATES:
         return _RATES[key]
@@ -273,7 +275,9 @@ def capture(
     wrapper = _LossModule(model, loss_fn)
     wrapper.batch_spec = spec
     try:
-        gm, sig = _compat.aot_export_joint(wrapper, tuple(flat))
+        # fake inputs: the trace then runs on fake tensors throughout (with real ones it allocates real activations)
+        fake_mode = _compat.fake_tensor_mode()
+        gm, sig = _compat.aot_export_joint(wrapper, tuple(fake_mode.from_tensor(t) for t in flat))
     except (UnsupportedGraph, ValueError, TypeError):
         raise
     except Exception as exc:  # the tracer's own errors are many and private: name the cause, keep the chain

@@ -4,8 +4,8 @@
     loss = step(batch)        # forward + backward under the schedule; gradients accumulate into p.grad
     optimizer.step()
 
-The step is captured once per batch shape (:mod:`memfit.remat.capture`), scheduled by a solver of
-:func:`memfit.remat.solve` under the budget, and lowered to an fx module (:mod:`memfit.remat.lower`).
+The step is captured once per batch shape (:mod:`memfit.remat._capture`), scheduled by a solver of
+:func:`memfit.remat.solve` under the budget, and lowered to an fx module (:mod:`memfit.remat._lower`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from memfit.remat._capture import CapturedStep, CostModel, capture, flatten_batch, module_tensors
 from memfit.remat._errors import InfeasibleBudget
+from memfit.remat._lower import lower
 from memfit.remat._schedule import Schedule
 from memfit.remat._solve import Method
-from memfit.remat.capture import CapturedStep, CostModel, capture, flatten_batch, module_tensors
-from memfit.remat.lower import lower
 
 __all__ = ["RematPlan", "RematStep", "compile"]
 
