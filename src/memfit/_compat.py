@@ -28,6 +28,7 @@ __all__ = [
     "fake_tensor_mode",
     "is_traceable_wrapper_subclass",
     "is_traceable_wrapper_subclass_type",
+    "load_cpp_pybinding",
     "mem_tracker_class",
     "no_python_dispatch",
     "op_returns_alias",
@@ -112,3 +113,15 @@ def fake_tensor_mode() -> Any:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def load_cpp_pybinding(argtypes: list[str], source: str) -> Any:
+    """Compile C++ ``source`` (a ``kernel(...)`` function) with inductor's toolchain; returns a Python callable.
+
+    ``torch._inductor.codecache.CppPythonBindingsCodeCache.load_pybinding``: builds with the same compiler flags
+    and OpenMP as inductor's CPU kernels and caches the shared object on disk (keyed by the source), so only the
+    first call on a machine pays the compile.
+    """
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    return CppPythonBindingsCodeCache.load_pybinding(argtypes, source)

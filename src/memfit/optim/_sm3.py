@@ -1,0 +1,316 @@
+"""The SM3 optimizer class: hyperparameter checks, lazy state, checkpoints; the math is in ``_sm3_kernels``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import chain
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from memfit.optim._sm3_kernels import Variant, accumulator_dtype, sm3
+
+__all__ = ["SM3"]
+
+#: Version of the layout of :meth:`SM3.state_dict` (house rule 14). Bump it when the state changes shape.
+SM3_STATE_FORMAT = 1
+_FORMAT_KEY = "memfit_sm3_format"
+
+
+def _fused_available(device: torch.device) -> bool:
+    from memfit.optim._sm3_fused import fused_supported
+
+    return fused_supported(device)
+
+
+class SM3(Optimizer):
+    r"""SM3: Adagrad-like per-coordinate step sizes with optimizer state sublinear in the parameter count.
+
+    For a parameter of shape ``(n_1, .., n_p)``, ``p >= 2``, SM3 keeps one accumulator vector ``a_k`` of
+    length ``n_k`` per axis (the cover by codimension-one slices), all starting at 0. With gradient ``g``:
+
+    - SM3-II (default): ``nu = min_k a_k + g^2`` (broadcast), then ``a_k <- max of nu over all axes but k``.
+      With ``beta2 < 1``: ``nu = beta2 * min_k a_k + (1 - beta2) * g^2`` and ``a_k`` is *assigned* the max,
+      so accumulators can shrink.
+    - SM3-I: ``a_k <- a_k + max of g^2 over all axes but k``, then ``nu = min_k a_k``.
+    - Rank 0 and 1: one full accumulator, i.e. exact diagonal Adagrad (``nu = a + g^2``, ``a <- nu``).
+    - ``u = g / sqrt(nu + eps)`` where ``nu > 0`` and ``0`` where ``nu == 0``;
+      ``m <- momentum * m + (1 - momentum) * u`` (no bias correction); ``w <- w * (1 - lr * wd) - lr * m``.
+      With ``momentum == 0``: ``w <- w - lr * u`` and no momentum buffer is allocated.
+
+    Sparse gradients (``nn.Embedding(sparse=True)``, hybrid COO with ``sparse_dim() == 1``) are coalesced and
+    update only the touched rows with the row accumulator ``a_1``; the other rows' state is untouched and
+    the table is never densified. There is no momentum on that path.
+
+    Memory: ``4 * sum_k n_k`` bytes per float32 tensor of rank >= 2 (``8 *`` for float64), ``4 * numel``
+    for rank <= 1, plus ``numel * itemsize(momentum_dtype)`` when ``momentum > 0``; plus a 4-byte step.
+
+    Args:
+        params: iterable of parameters or named parameters, or of param-group dicts.
+        lr: learning rate (float, or a 1-element tensor).
+        momentum: coefficient of the momentum average in [0, 1); 0 allocates no buffer.
+        beta2: 1.0 for the paper's sums of squares; in (0, 1) for an exponential moving average (SM3-II).
+        eps: >= 0, added to nu under the square root (0 is allowed: coordinates with nu == 0 do not move).
+        variant: ``"II"`` (default, tighter) or ``"I"``.
+        weight_decay: decoupled weight decay (``w <- w * (1 - lr * weight_decay)``), >= 0.
+        maximize: maximize the objective instead of minimizing it.
+        momentum_dtype: dtype of the momentum buffer (e.g. ``torch.bfloat16`` for half the bytes);
+            ``None`` uses the parameter's dtype.
+        foreach: batch the elementwise work with ``torch._foreach`` ops (default: on when not fused).
+        fused: one compiled sweep per tensor (``memfit.optim._sm3_fused``). ``None`` (default) uses it on
+            CPU where a C++ compiler works (compiled once, then cached on disk by inductor), for float32
+            parameters of rank <= 2 with dense gradients; every other tensor (and CUDA) takes the eager
+            ``foreach`` path, which computes the same equations. ``False`` never compiles anything;
+            ``True`` raises where the kernel cannot run.
+
+    Raises:
+        ValueError: on a hyperparameter out of range (the message holds the value and the allowed range),
+            ``beta2 < 1`` with ``variant="I"``, both ``foreach=True`` and ``fused=True``, or a complex
+            parameter.
+
+    References:
+        Anil, Gupta, Koren, Singer. Memory-Efficient Adaptive Optimization. NeurIPS 2019, arXiv:1901.11150.
+        Reference implementations: google-research ``sm3/sm3.py`` (TensorFlow) and optax ``scale_by_sm3``.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 3)
+        >>> opt = SM3(model.parameters(), lr=0.1, momentum=0.9, fused=False)
+        >>> model(torch.randn(2, 4)).sum().backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 0.1,
+        *,
+        momentum: float = 0.9,
+        beta2: float = 1.0,
+        eps: float = 1e-30,
+        variant: Variant = "II",
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        momentum_dtype: torch.dtype | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise ValueError(
+                    f"SM3: a tensor lr must hold one floating-point value, got shape {tuple(lr.shape)} "
+                    f"dtype {lr.dtype}"
+                )
+            if lr.requires_grad:
+                raise ValueError(
+                    "SM3: a tensor lr must not require grad (differentiable steps are unsupported)"
+                )
+        if not float(lr) >= 0.0:
+            raise ValueError(f"SM3: lr must be >= 0, got {float(lr)}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"SM3: momentum must be in [0, 1), got {momentum}")
+        if not 0.0 < beta2 <= 1.0:
+            raise ValueError(f"SM3: beta2 must be in (0, 1], got {beta2}")
+        if not eps >= 0.0:
+            raise ValueError(f"SM3: eps must be >= 0, got {eps}")
+        if variant not in ("I", "II"):
+            raise ValueError(f"SM3: variant must be 'I' or 'II', got {variant!r}")
+        if variant == "I" and beta2 != 1.0:
+            raise ValueError(
+                f"SM3: beta2={beta2} < 1 (exponential moving average) is defined for variant='II' only; "
+                "use variant='II' or beta2=1.0"
+            )
+        if not weight_decay >= 0.0:
+            raise ValueError(f"SM3: weight_decay must be >= 0, got {weight_decay}")
+        if momentum_dtype is not None and (
+            not isinstance(momentum_dtype, torch.dtype) or not momentum_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"SM3: momentum_dtype must be a floating-point torch.dtype or None, got {momentum_dtype!r}"
+            )
+        if foreach and fused:
+            raise ValueError("SM3: foreach=True and fused=True are exclusive; pick one")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "beta2": beta2,
+            "eps": eps,
+            "variant": variant,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "momentum_dtype": momentum_dtype,
+            "foreach": foreach,
+            "fused": fused,
+        }
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError(f"SM3: complex parameters are not supported (got dtype {p.dtype})")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Back-fill options added after a checkpoint was written, so old pickles and state dicts load.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("momentum", 0.9)
+            group.setdefault("beta2", 1.0)
+            group.setdefault("eps", 1e-30)
+            group.setdefault("variant", "II")
+            group.setdefault("weight_decay", 0.0)
+            group.setdefault("maximize", False)
+            group.setdefault("momentum_dtype", None)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
+
+    # ------------------------------------------------------------------ state
+    def _new_state(self, p: Tensor) -> dict[str, Tensor]:
+        acc_dtype = accumulator_dtype(p.dtype)
+        state: dict[str, Tensor] = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        if p.dim() <= 1:
+            state["accumulator"] = torch.zeros_like(p, dtype=acc_dtype, memory_format=torch.preserve_format)
+        else:
+            for k, n in enumerate(p.shape):
+                shape = [1] * p.dim()
+                shape[k] = n
+                state[f"accumulator_{k}"] = torch.zeros(shape, dtype=acc_dtype, device=p.device)
+        return state
+
+    @staticmethod
+    def _accumulators(p: Tensor, state: dict[str, Tensor]) -> list[Tensor]:
+        if p.dim() <= 1:
+            return [state["accumulator"]]
+        return [state[f"accumulator_{k}"] for k in range(p.dim())]
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        accumulators: list[list[Tensor]],
+        momentum_buffers: list[Tensor | None],
+        steps: list[Tensor],
+    ) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                state.update(self._new_state(p))
+            buf: Tensor | None = None
+            if group["momentum"] > 0.0 and not p.grad.is_sparse:
+                # Allocated on the first dense step only: sparse-only parameters never carry a buffer.
+                if "momentum_buffer" not in state:
+                    dtype = group["momentum_dtype"] or p.dtype
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, dtype=dtype, memory_format=torch.preserve_format
+                    )
+                buf = state["momentum_buffer"]
+            params.append(p)
+            grads.append(p.grad)
+            accumulators.append(self._accumulators(p, state))
+            momentum_buffers.append(buf)
+            steps.append(state["step"])
+
+    def _use_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        if group["fused"] is False or group["foreach"]:
+            return False
+        if torch.compiler.is_compiling():
+            # Under torch.compile(opt.step) the outer compiler fuses the eager kernels itself.
+            return False
+        ok = all(_fused_available(p.device) for p in params)
+        if group["fused"] and not ok:
+            devices = sorted({str(p.device) for p in params})
+            raise ValueError(
+                f"SM3: fused=True needs a CPU with a working C++ compiler (torch.compile's inductor); "
+                f"parameters are on {devices}. Use fused=None (falls back to foreach) or fused=False."
+            )
+        return ok
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            accumulators: list[list[Tensor]] = []
+            momentum_buffers: list[Tensor | None] = []
+            steps: list[Tensor] = []
+            self._init_group(group, params, grads, accumulators, momentum_buffers, steps)
+            if not params:
+                continue
+            if torch.compiler.is_compiling():
+                for s in steps:
+                    s.add_(1)
+            else:
+                torch._foreach_add_(steps, 1.0)
+            fused = self._use_fused(group, params)
+            foreach = not fused and group["foreach"] is not False
+            sm3(
+                params,
+                grads,
+                accumulators,
+                momentum_buffers,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                beta2=group["beta2"],
+                eps=group["eps"],
+                variant=group["variant"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                foreach=foreach,
+                fused=fused,
+            )
+        return loss
+
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus a format version (``"memfit_sm3_format"``)."""
+        sd = super().state_dict()
+        sd[_FORMAT_KEY] = SM3_STATE_FORMAT
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping accumulators in float32/float64 whatever the parameter dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype (a bf16 model
+        would get bf16 accumulators and lose them to rounding); here each state tensor is re-made from the
+        saved value in the dtype SM3 allocates for it: accumulators in :func:`accumulator_dtype`, the momentum
+        buffer in the group's ``momentum_dtype`` (or the parameter's dtype).
+
+        Raises:
+            ValueError: the state dict was written by a newer memfit (unknown format version).
+        """
+        version = state_dict.get(_FORMAT_KEY, SM3_STATE_FORMAT)
+        if not isinstance(version, int) or version > SM3_STATE_FORMAT:
+            raise ValueError(
+                f"SM3: state dict format {version!r} is newer than this memfit understands "
+                f"(<= {SM3_STATE_FORMAT}); upgrade memfit to load it"
+            )
+        saved_state = state_dict["state"]
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        id_to_param = dict(zip(saved_ids, params, strict=False))
+        sd = {k: v for k, v in state_dict.items() if k != _FORMAT_KEY}
+        super().load_state_dict(sd)
+        groups_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for pid, saved in cast(Iterable[tuple[Any, dict[str, Any]]], saved_state.items()):
+            p = id_to_param.get(pid)
+            if p is None:
+                continue
+            group = groups_of[id(p)]
+            for key, value in saved.items():
+                if key == "step" or not isinstance(value, Tensor) or not value.is_floating_point():
+                    continue
+                if key == "momentum_buffer":
+                    dtype = group["momentum_dtype"] or p.dtype
+                else:
+                    dtype = accumulator_dtype(p.dtype)
+                self.state[p][key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
