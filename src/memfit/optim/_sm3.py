@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from itertools import chain
 from typing import Any, cast
@@ -17,6 +18,13 @@ __all__ = ["SM3"]
 #: Version of the layout of :meth:`SM3.state_dict` (house rule 14). Bump it when the state changes shape.
 SM3_STATE_FORMAT = 1
 _FORMAT_KEY = "memfit_sm3_format"
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    # DTensor parameters (FSDP2, tensor parallel) take memfit.distributed's sharded kernel. No DTensor can
+    # exist before torch.distributed.tensor is imported, so plain users pay neither the import nor the check.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _fused_available(device: torch.device) -> bool:
@@ -43,6 +51,10 @@ class SM3(Optimizer):
     Sparse gradients (``nn.Embedding(sparse=True)``, hybrid COO with ``sparse_dim() == 1``) are coalesced and
     update only the touched rows with the row accumulator ``a_1``; the other rows' state is untouched and
     the table is never densified. There is no momentum on that path.
+
+    Distributed: works as is under DDP and ``ZeroRedundancyOptimizer``; DTensor parameters (FSDP2
+    ``fully_shard``) keep DTensor state and take :mod:`memfit.distributed._dtensor`'s sharded step (one
+    max-all-reduce per parameter, bitwise equal to the single-process step); see ``docs/distributed.md``.
 
     Memory: ``4 * sum_k n_k`` bytes per float32 tensor of rank >= 2 (``8 *`` for float64), ``4 * numel``
     for rank <= 1, plus ``numel * itemsize(momentum_dtype)`` when ``momentum > 0``; plus a 4-byte step.
@@ -171,6 +183,10 @@ class SM3(Optimizer):
     def _new_state(self, p: Tensor) -> dict[str, Tensor]:
         acc_dtype = accumulator_dtype(p.dtype)
         state: dict[str, Tensor] = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        if _is_dtensor(p):
+            from memfit.distributed._dtensor import new_sm3_state
+
+            return new_sm3_state(p, state["step"])  # type: ignore[arg-type]
         if p.dim() <= 1:
             state["accumulator"] = torch.zeros_like(p, dtype=acc_dtype, memory_format=torch.preserve_format)
         else:
@@ -251,23 +267,26 @@ class SM3(Optimizer):
                     s.add_(1)
             else:
                 torch._foreach_add_(steps, 1.0)
+            hyper = {
+                k: group[k] for k in ("lr", "momentum", "beta2", "eps", "variant", "weight_decay", "maximize")
+            }
+            sharded = [i for i, p in enumerate(params) if _is_dtensor(p)]
+            if sharded:
+                from memfit.distributed._dtensor import sm3_dtensor
+
+                sm3_dtensor(
+                    [params[i] for i in sharded], [grads[i] for i in sharded],
+                    [accumulators[i] for i in sharded], [momentum_buffers[i] for i in sharded], **hyper,
+                )  # fmt: skip
+                keep = sorted(set(range(len(params))) - set(sharded))
+                params, grads = [params[i] for i in keep], [grads[i] for i in keep]
+                accumulators = [accumulators[i] for i in keep]
+                momentum_buffers = [momentum_buffers[i] for i in keep]
+                if not params:
+                    continue
             fused = self._use_fused(group, params)
             foreach = not fused and group["foreach"] is not False
-            sm3(
-                params,
-                grads,
-                accumulators,
-                momentum_buffers,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                beta2=group["beta2"],
-                eps=group["eps"],
-                variant=group["variant"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-                foreach=foreach,
-                fused=fused,
-            )
+            sm3(params, grads, accumulators, momentum_buffers, **hyper, foreach=foreach, fused=fused)
         return loss
 
     # ------------------------------------------------------------- checkpoints
