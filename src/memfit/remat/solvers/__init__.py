@@ -1,0 +1,1 @@
+"""Rematerialization solvers; :func:`memfit.remat.solve` dispatches to them."""

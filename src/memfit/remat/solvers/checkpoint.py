@@ -1,0 +1,139 @@
+"""Checkpointing baselines users know: keep every k-th cut point, recompute the segments between.
+
+Chen et al. (2016), "Training Deep Nets with Sublinear Memory Cost": in the forward pass keep only
+the checkpoints (every ``k``-th candidate; ``k = sqrt(#candidates)`` by default) and drop the other
+forward values after their forward reads; the backward pass recomputes a dropped value from the
+nearest resident ones when it needs it, and keeps the recomputed segment until its last read.
+
+Forward part: the ancestors of the loss, found as the first output that other outputs depend on
+(all nodes if there is none). Candidates: the articulation points of the forward part's undirected
+graph (inputs left out, as they are always resident) -- the nodes every forward path crosses; on a
+chain that is every layer, on a residual ladder every block boundary.
+"""
+
+from __future__ import annotations
+
+import math
+
+from memfit.remat._errors import InfeasibleBudget
+from memfit.remat._graph import Graph
+from memfit.remat._schedule import Schedule
+from memfit.remat.solvers._common import compute_once, noremat_order, to_schedule
+from memfit.remat.solvers._improve import drop_useless, seq_cost, seq_peak
+
+__all__ = ["checkpoint_sequence", "checkpoint_sequences", "solve_checkpoint"]
+
+
+def _forward_and_candidates(g: Graph) -> tuple[list[int], list[int]]:
+    if "checkpoint_candidates" in g._cache:
+        out: tuple[list[int], list[int]] = g._cache["checkpoint_candidates"]
+        return out
+    import networkx as nx
+
+    needed = g.needed()
+    outs = [v for v in g.outputs if not g.is_input(v)]
+    anc: dict[int, set[int]] = {}
+    loss = None
+    for o in outs:
+        seen = {o}
+        stack = [o]
+        while stack:
+            v = stack.pop()
+            for d in g.deps(v):
+                if d not in seen and not g.is_input(d):
+                    seen.add(d)
+                    stack.append(d)
+        anc[o] = seen
+    for o in sorted(outs):
+        if any(o in anc[p] for p in outs if p != o):
+            loss = o
+            break
+    fwd = sorted(anc[loss]) if loss is not None else needed
+    fset = set(fwd)
+    h = nx.Graph()
+    h.add_nodes_from(fwd)
+    for v in fwd:
+        for d in g.deps(v):
+            if d in fset:
+                h.add_edge(d, v)
+    cands = sorted(set(nx.articulation_points(h)))
+    if not cands:
+        cands = fwd[:-1]
+    g._cache["checkpoint_candidates"] = (fwd, cands)
+    return fwd, cands
+
+
+def checkpoint_sequence(g: Graph, every: int) -> list[int]:
+    """Compute sequence keeping every ``every``-th candidate as a checkpoint (Chen et al. 2016)."""
+    if every < 1:
+        raise ValueError(f"checkpoint every must be >= 1, got {every}")
+    fwd, cands = _forward_and_candidates(g)
+    keep = set(cands[every - 1 :: every])
+    fset = set(fwd)
+    main = noremat_order(g)
+    step = {v: t for t, v in enumerate(main)}
+    # drop point: the last forward read of a dropped forward value
+    drop_at: dict[int, int] = {}
+    for v in fwd:
+        if v in keep or g.is_output(v):
+            continue
+        reads = [step[u] for u in g.users(v) if u in fset and u in step]
+        drop_at[v] = max(reads) if reads else step[v]
+    expire: dict[int, list[int]] = {}
+    for v, t in drop_at.items():
+        expire.setdefault(t, []).append(v)
+    resident: set[int] = set(g.inputs)
+    seq: list[int] = []
+
+    def materialize(v: int) -> None:
+        stack = [v]
+        while stack:
+            u = stack[-1]
+            missing = [d for d in g.deps(u) if d not in resident]
+            if missing:
+                stack.extend(missing)
+                continue
+            stack.pop()
+            if u not in resident:
+                resident.add(u)
+                seq.append(u)
+
+    for t, v in enumerate(main):
+        materialize(v)
+        for u in expire.get(t, ()):
+            resident.discard(u)  # recomputed copies made later stay until their last read
+    return drop_useless(g, compute_once(g, seq))
+
+
+def checkpoint_sequences(g: Graph) -> list[tuple[str, list[int]]]:
+    """Segmentations every k for k = 2, 3, 4, sqrt(n), 2 sqrt(n) candidates (for the budget portfolio)."""
+    _fwd, cands = _forward_and_candidates(g)
+    r = max(1, round(math.sqrt(len(cands))))
+    ks = sorted({k for k in (2, 3, 4, r, 2 * r) if 1 <= k <= max(1, len(cands))})
+    return [(f"checkpoint(every={k})", checkpoint_sequence(g, k)) for k in ks]
+
+
+def solve_checkpoint(g: Graph, budget: int | None, *, every: int | None = None) -> Schedule:
+    """sqrt(n) checkpointing, or every ``every``-th candidate; with a budget, the cheapest k that fits.
+
+    Raises:
+        InfeasibleBudget: no segmentation fits (``min_peak`` is the lowest peak over k).
+    """
+    if every is not None:
+        seqs = [(f"checkpoint(every={every})", checkpoint_sequence(g, every))]
+    elif budget is None:
+        _fwd, cands = _forward_and_candidates(g)
+        k = max(1, round(math.sqrt(len(cands))))
+        seqs = [(f"checkpoint(every={k})", checkpoint_sequence(g, k))]
+    else:
+        seqs = checkpoint_sequences(g)
+    fits = [(seq_cost(g, q), name, q) for name, q in seqs if budget is None or seq_peak(g, q) <= budget]
+    if not fits:
+        assert budget is not None
+        raise InfeasibleBudget(
+            budget=budget, min_peak=min(seq_peak(g, q) for _n, q in seqs), method="checkpoint"
+        )
+    _c, name, q = min(fits, key=lambda x: x[0])
+    s = to_schedule(g, q, method="checkpoint", budget=budget)
+    s.info.update(candidate=name)
+    return s
