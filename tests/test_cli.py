@@ -1,43 +1,80 @@
-"""The command line: what a newcomer meets first."""
+"""The ``memfit`` command line: parsing, plan output (table and JSON), errors."""
 
-import subprocess
-import sys
+import argparse
+import json
 
 import pytest
 
-from memfit import __version__
-from memfit.cli import main
+from memfit.cli import build_parser, main
+from memfit.cli._plan import parse_batch
 
 
-def test_demo_says_what_exists_and_does_not_pretend_to_train(capsys):
-    assert main(["demo"]) == 0
-    out = capsys.readouterr().out
-    assert "not built yet" in out
-    for api in ("memfit.memory.track", "memfit.optim.SM3", "memfit.remat.solve"):
-        assert api in out
+def test_parse_batch():
+    assert parse_batch("8x1024") == (8, 1024)
+    assert parse_batch("8") == (8, None)
+    for bad in ("8x", "x8", "0x10", "eight"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_batch(bad)
 
 
-def test_no_command_prints_help_and_fails(capsys):
+def test_help_lists_the_commands(capsys):
     assert main([]) == 2
-    assert "usage: memfit" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for cmd in ("demo", "plan"):
+        assert cmd in out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["plan"])  # --model and --batch are required
 
 
-def test_unknown_command_is_an_error(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["frobnicate"])
-    assert exc.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+def test_plan_json_and_table(capsys):
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "tiny",
+                "--batch",
+                "2x16",
+                "--memory",
+                "1GiB",
+                "--optimizers",
+                "adam,sm3",
+                "--remat",
+                "none",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert data["batch_size"] == 2 and data["seq_len"] == 16 and data["memory"] == 2**30
+    rows = {r["optimizer"]: r for r in data["rows"]}
+    assert set(rows) == {"adam", "sm3"} and all(r["fits"] for r in rows.values())
+    assert rows["sm3"]["breakdown"]["optimizer_state"] < rows["adam"]["breakdown"]["optimizer_state"] / 50
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "tiny",
+                "--batch",
+                "2x16",
+                "--memory",
+                "1GiB",
+                "--optimizers",
+                "sm3",
+                "--remat",
+                "none",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "fastest that fits" in out and "sm3" in out
 
 
-def test_console_script_reports_version():
-    out = subprocess.run(
-        [sys.executable, "-m", "memfit.cli", "--version"], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == f"memfit {__version__}"
-
-
-def test_unknown_subpackage_attribute_raises():
-    import memfit
-
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        _ = memfit.nope
+def test_plan_errors_are_clear(capsys):
+    assert main(["plan", "--model", "nope", "--batch", "2x16"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert main(["plan", "--model", "tiny", "--batch", "2x16", "--memory", "lots"]) == 2
+    assert "cannot read 'lots'" in capsys.readouterr().err
