@@ -118,10 +118,21 @@ def set_block_checkpointing(model: nn.Module, on: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------- configs
 def make_steps(
-    model: nn.Module, loss_fn: Callable[..., torch.Tensor], batch: Any, *, with_compile: bool, quick: bool
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    batch: Any,
+    *,
+    with_compile: bool,
+    quick: bool,
+    only: str | None = None,
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, dict[str, Any]]]:
     """name -> a function running one forward+backward; name -> facts about the configuration."""
+    import re
+
     import memfit.remat
+
+    def want(name: str) -> bool:
+        return name == "eager" or only is None or re.search(only, name) is not None
 
     steps: dict[str, Callable[[], Any]] = {}
     info: dict[str, dict[str, Any]] = {}
@@ -139,14 +150,18 @@ def make_steps(
             set_block_checkpointing(model, False)
 
     steps["eager"], info["eager"] = eager, {"kind": "eager"}
-    steps["ckpt-per-block"], info["ckpt-per-block"] = ckpt, {"kind": "torch.utils.checkpoint"}
+    if want("ckpt-per-block"):
+        steps["ckpt-per-block"], info["ckpt-per-block"] = ckpt, {"kind": "torch.utils.checkpoint"}
 
     base = memfit.remat.compile(model, loss_fn, batch)
-    steps["memfit-none"] = lambda: base(batch)
-    info["memfit-none"] = {"kind": "memfit", "method": "noremat", "budget": None, **base.plan.to_dict()}
+    if want("memfit-none"):
+        steps["memfit-none"] = lambda: base(batch)
+        info["memfit-none"] = {"kind": "memfit", "method": "noremat", "budget": None, **base.plan.to_dict()}
     for method in METHODS:
         for budget in BUDGETS if not quick else (0.5, 0.3):
             name = f"memfit-{method}-{budget}"
+            if not want(name):
+                continue
             try:
                 step = base.with_budget(budget, method)  # type: ignore[arg-type]
                 step.prepare(batch)
@@ -164,6 +179,8 @@ def make_steps(
 
         for budget in COMPILE_BUDGETS:
             name = f"compile-amb-{budget}"
+            if not want(name):
+                continue
             functorch_config.activation_memory_budget = budget
             compiled = torch.compile(lambda b: loss_fn(model, b))
             t0 = time.perf_counter()
@@ -194,11 +211,11 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker_memory(name: str, quick: bool, with_compile: bool) -> dict[str, Any]:
+def worker_memory(name: str, quick: bool, with_compile: bool, only: str | None) -> dict[str, Any]:
     from memfit.memory import track
 
     model, loss_fn, batch, _ = build(name, quick)
-    steps, info = make_steps(model, loss_fn, batch, with_compile=with_compile, quick=quick)
+    steps, info = make_steps(model, loss_fn, batch, with_compile=with_compile, quick=quick, only=only)
     out: dict[str, Any] = {}
     for cfg, fn in steps.items():
         for p in model.parameters():
@@ -223,9 +240,11 @@ def worker_memory(name: str, quick: bool, with_compile: bool) -> dict[str, Any]:
     return out
 
 
-def worker_time(name: str, quick: bool, with_compile: bool, steps_per_cfg: int) -> dict[str, list[float]]:
+def worker_time(
+    name: str, quick: bool, with_compile: bool, steps_per_cfg: int, only: str | None
+) -> dict[str, list[float]]:
     model, loss_fn, batch, _ = build(name, quick)
-    steps, _ = make_steps(model, loss_fn, batch, with_compile=with_compile, quick=quick)
+    steps, _ = make_steps(model, loss_fn, batch, with_compile=with_compile, quick=quick, only=only)
     times: dict[str, list[float]] = {cfg: [] for cfg in steps}
     for fn in steps.values():  # warm-up
         for p in model.parameters():
@@ -255,7 +274,15 @@ def _spawn(args: list[str], env: dict[str, str]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def run(models: list[str], quick: bool, with_compile: bool, procs: int, steps_per_cfg: int) -> dict[str, Any]:
+def run(
+    models: list[str],
+    quick: bool,
+    with_compile: bool,
+    procs: int,
+    steps_per_cfg: int,
+    only: str | None = None,
+    memory: bool = True,
+) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import Progress
 
@@ -264,10 +291,12 @@ def run(models: list[str], quick: bool, with_compile: bool, procs: int, steps_pe
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "quick": quick,
+        "only": only,
         "models": {},
     }
     common = ["--quick"] if quick else []
     common += ["--compile"] if with_compile else []
+    common += ["--only", only] if only else []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("remat sweep", total=len(models) * (1 + procs))
         for name in models:
@@ -286,6 +315,7 @@ def run(models: list[str], quick: bool, with_compile: bool, procs: int, steps_pe
                     times.setdefault(cfg, []).extend(ts)
                 progress.advance(task)
             for cfg, ts in times.items():
+                mem.setdefault(cfg, {})
                 mem[cfg]["step_seconds"] = statistics.median(ts)
                 mem[cfg]["step_seconds_all"] = ts
             results["models"][name] = {"description": build(name, quick)[3], "configs": mem}
@@ -316,15 +346,16 @@ def print_table(console: Any, name: str, res: dict[str, Any]) -> None:
             table.add_row(cfg, "", "", "", "", "", "", r.get("infeasible", r.get("error", ""))[:70])
             continue
         acc = r.get("accounted_peak_bytes")
+        rss = r.get("rss_peak_bytes")
         note = ""
-        if r.get("kind") == "memfit":
+        if r.get("kind") == "memfit" and "peak_bytes" in r:
             note = f"pred {r['peak_bytes'] / mib:.1f} MiB, pred cost x{r['cost_overhead']:.2f}"
         table.add_row(
             cfg,
             "-" if acc is None else f"{acc / mib:.1f}",
             "-" if acc is None else f"{acc / eager['accounted_peak_bytes']:.2f}",
-            f"{r['rss_peak_bytes'] / mib:.1f}",
-            f"{r['rss_peak_bytes'] / max(eager['rss_peak_bytes'], 1):.2f}",
+            "-" if rss is None else f"{rss / mib:.1f}",
+            "-" if rss is None else f"{rss / max(eager['rss_peak_bytes'], 1):.2f}",
             f"{r['step_seconds']:.3f}",
             f"{r['step_seconds'] / eager['step_seconds']:.2f}",
             note,
@@ -351,7 +382,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         cfgs = res["configs"]
         eager = cfgs["eager"]
         for cfg, r in cfgs.items():
-            if "step_seconds" not in r:
+            if "step_seconds" not in r or "rss_peak_bytes" not in r:
                 continue
             x = r["rss_peak_bytes"] / 2**20
             y = r["step_seconds"] / eager["step_seconds"]
@@ -379,20 +410,25 @@ def main() -> None:
     ap.add_argument("--model", choices=("gpt2", "cnn", "all"), default="all")
     ap.add_argument("--procs", type=int, default=3, help="timing processes")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration and process")
+    ap.add_argument(
+        "--only", default=None, help="regex: run only the configurations it matches (eager always runs)"
+    )
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory process (time only)")
+    ap.add_argument("--out", default=None, help="result file stem (default remat_sweep[_quick])")
     ap.add_argument("--worker", choices=("memory", "time"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.worker == "memory":
-        print(json.dumps(worker_memory(args.model, args.quick, args.compile)))
+        print(json.dumps(worker_memory(args.model, args.quick, args.compile, args.only)))
         return
     if args.worker == "time":
-        print(json.dumps(worker_time(args.model, args.quick, args.compile, args.steps)))
+        print(json.dumps(worker_time(args.model, args.quick, args.compile, args.steps, args.only)))
         return
     models = ["gpt2", "cnn"] if args.model == "all" else [args.model]
     procs, steps = (1, 2) if args.quick else (args.procs, args.steps)
-    results = run(models, args.quick, args.compile, procs, steps)
+    results = run(models, args.quick, args.compile, procs, steps, args.only, not args.no_memory)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "remat_sweep_quick" if args.quick else "remat_sweep"
+    stem = args.out or ("remat_sweep_quick" if args.quick else "remat_sweep")
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1))
     plot(results, RESULTS / f"{stem}.png")
     print(f"raw numbers: {RESULTS / (stem + '.json')}\nplot: {RESULTS / (stem + '.png')}")
