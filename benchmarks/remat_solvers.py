@@ -54,9 +54,15 @@ def main() -> None:
     ap.add_argument(
         "--gap", action="store_true", help="only the budget-vs-MILP gap study on graphs of <= 40 nodes"
     )
+    ap.add_argument(
+        "--reuse-milp",
+        action="store_true",
+        help="gap study: take the MILP results from the stored remat_solvers_gap.json, re-run budget only",
+    )
+    ap.add_argument("--exact-nodes", type=int, default=None, help="budget's exact_nodes option (gap study)")
     args = ap.parse_args()
     if args.gap:
-        gap_study(args.milp_time)
+        gap_study(args.milp_time, reuse=args.reuse_milp, exact_nodes=args.exact_nodes)
         return
     sizes = [100, 1000] if args.quick else list(SIZES)
     rows = []
@@ -135,16 +141,35 @@ def main() -> None:
     console.print(f"wrote {path}")
 
 
-def gap_study(milp_time: float) -> None:
+def gap_study(milp_time: float, *, reuse: bool = False, exact_nodes: int | None = None) -> None:
     """budget's cost / MILP's optimum on random training steps of <= 40 nodes, at budgets spread
-    between the MILP's smallest feasible peak (0.0) and the no-remat peak (1.0)."""
+    between the MILP's smallest feasible peak (0.0) and the no-remat peak (1.0).
+
+    With ``reuse``, the MILP rows (budgets and MILP results) come from the stored JSON, measured by
+    an earlier full run with the same graphs; only ``budget`` is re-run.
+    """
     import statistics
 
     from memfit.remat.solvers.milp import min_peak_milp
 
     console = Console()
     recs = []
-    for n in (4, 6, 8, 10, 12):
+    opts = {} if exact_nodes is None else {"exact_nodes": exact_nodes}
+    path = Path(__file__).parent / "results" / "remat_solvers_gap.json"
+    if reuse:
+        stored = json.loads(path.read_text())
+        graphs_by = {}
+        for n in (4, 6, 8, 10, 12):
+            for seed in range(8):
+                g = graphs.training_step(n, seed=seed)
+                graphs_by[(len(g), seed)] = g
+        for r in stored["rows"]:
+            g = graphs_by[(r["nodes"], r["seed"])]
+            b = run_one(g, r["budget"], "budget", **opts)
+            recs.append(
+                {**r, "budget_solver": b, "milp_reused_from": r.get("milp_reused_from", stored["date"])}
+            )
+    for n in () if reuse else (4, 6, 8, 10, 12):
         for seed in range(8):
             g = graphs.training_step(n, seed=seed)
             if len(g) > 40:
@@ -157,7 +182,7 @@ def gap_study(milp_time: float) -> None:
             for f in (0.0, 0.25, 0.5, 0.75, 1.0):
                 budget = int(lo + f * (nr - lo))
                 m = run_one(g, budget, "milp", time_limit=milp_time)
-                b = run_one(g, budget, "budget")
+                b = run_one(g, budget, "budget", **opts)
                 recs.append(
                     {"nodes": len(g), "seed": seed, "at": f, "budget": budget, "milp": m, "budget_solver": b}
                 )
@@ -174,6 +199,10 @@ def gap_study(milp_time: float) -> None:
         "budget_infeasible_where_milp_feasible": len(missed),
         "missed_at": sorted({r["at"] for r in missed}),
         "milp_not_finished": sum(not r["milp"]["ok"] for r in recs),
+        "budget_time_s_median": statistics.median(r["budget_solver"]["time_s"] for r in recs),
+        "budget_time_s_max": max(r["budget_solver"]["time_s"] for r in recs),
+        "budget_options": opts,
+        "milp_reused": reuse,
     }
     console.print(summary)
     out = {
@@ -183,7 +212,6 @@ def gap_study(milp_time: float) -> None:
         "summary": summary,
         "rows": recs,
     }
-    path = Path(__file__).parent / "results" / "remat_solvers_gap.json"
     path.write_text(json.dumps(out, indent=1))
     console.print(f"wrote {path}")
 

@@ -1,5 +1,7 @@
 """Checkpointing baselines users know: keep every k-th cut point, recompute the segments between.
 
+(On chains, ``solve_checkpoint`` also runs the optimal revolve/rotor DP of :mod:`.chain_dp`.)
+
 Chen et al. (2016), "Training Deep Nets with Sublinear Memory Cost": in the forward pass keep only
 the checkpoints (every ``k``-th candidate; ``k = sqrt(#candidates)`` by default) and drop the other
 forward values after their forward reads; the backward pass recomputes a dropped value from the
@@ -113,26 +115,75 @@ def checkpoint_sequences(g: Graph) -> list[tuple[str, list[int]]]:
     return [(f"checkpoint(every={k})", checkpoint_sequence(g, k)) for k in ks]
 
 
-def solve_checkpoint(g: Graph, budget: int | None, *, every: int | None = None) -> Schedule:
-    """sqrt(n) checkpointing, or every ``every``-th candidate; with a budget, the cheapest k that fits.
+def _dp_min_peak(g: Graph, lo: int, hi: int) -> int:
+    """Smallest budget in ``(lo, hi]`` at which the chain DP finds a schedule (bisection)."""
+    from memfit.remat.solvers.chain_dp import chain_dp_sequence
+
+    if chain_dp_sequence(g, hi) is None:
+        return hi  # not reached in practice: store-all fits the no-remat peak
+    while hi - lo > max(1, hi // 1000):
+        mid = (lo + hi) // 2
+        if chain_dp_sequence(g, mid) is not None:
+            hi = mid  # a budget the (deterministic) DP is known to meet
+        else:
+            lo = mid
+    return hi
+
+
+def solve_checkpoint(
+    g: Graph, budget: int | None, *, every: int | None = None, strategy: str = "auto"
+) -> Schedule:
+    """Checkpointing: Chen's sqrt(n) / every-k segments, or the chain-optimal DP (revolve / rotor).
+
+    Args:
+        g: the graph.
+        budget: bytes, or ``None``.
+        every: keep every ``every``-th candidate (implies ``strategy="sqrt"``).
+        strategy: ``"sqrt"``: every-k segmentations (sqrt(n) without a budget, else the cheapest k
+            that fits); ``"dp"``: the optimal DP of :mod:`.chain_dp` (the graph must be a chain and
+            a budget given); ``"auto"`` (default): with a budget on a chain, the cheaper of the DP and
+            the segmentations, otherwise ``"sqrt"``.
 
     Raises:
-        InfeasibleBudget: no segmentation fits (``min_peak`` is the lowest peak over k).
+        InfeasibleBudget: nothing fits (``min_peak`` is the lowest peak reached).
+        ValueError: an unknown strategy, ``"dp"`` on a graph that is not a chain or without a budget.
     """
-    if every is not None:
-        seqs = [(f"checkpoint(every={every})", checkpoint_sequence(g, every))]
-    elif budget is None:
-        _fwd, cands = _forward_and_candidates(g)
-        k = max(1, round(math.sqrt(len(cands))))
-        seqs = [(f"checkpoint(every={k})", checkpoint_sequence(g, k))]
-    else:
-        seqs = checkpoint_sequences(g)
+    from memfit.remat.solvers.chain_dp import as_chain, chain_dp_sequence
+
+    if strategy not in ("auto", "sqrt", "dp"):
+        raise ValueError(f"checkpoint strategy must be 'auto', 'sqrt' or 'dp', got {strategy!r}")
+    if every is not None and strategy == "dp":
+        raise ValueError("checkpoint: every= sets the sqrt/every-k strategy; drop it for strategy='dp'")
+    use_dp = strategy == "dp" or (strategy == "auto" and every is None and budget is not None)
+    if strategy == "dp" and budget is None:
+        raise ValueError("checkpoint strategy='dp' needs a budget (without one nothing is recomputed)")
+    if strategy == "dp" and as_chain(g) is None:
+        raise ValueError(
+            "checkpoint strategy='dp' needs a chain: a forward path whose backward reads one forward "
+            "value per node, stage by stage (see memfit.remat.solvers.chain_dp); use strategy='sqrt'"
+        )
+    seqs: list[tuple[str, list[int]]] = []
+    if use_dp and as_chain(g) is not None:
+        assert budget is not None
+        q = chain_dp_sequence(g, budget)
+        if q is not None:
+            seqs.append(("chain-dp", q))
+    if strategy != "dp":
+        if every is not None:
+            seqs.append((f"checkpoint(every={every})", checkpoint_sequence(g, every)))
+        elif budget is None:
+            _fwd, cands = _forward_and_candidates(g)
+            k = max(1, round(math.sqrt(len(cands))))
+            seqs.append((f"checkpoint(every={k})", checkpoint_sequence(g, k)))
+        else:
+            seqs += checkpoint_sequences(g)
     fits = [(seq_cost(g, q), name, q) for name, q in seqs if budget is None or seq_peak(g, q) <= budget]
     if not fits:
         assert budget is not None
-        raise InfeasibleBudget(
-            budget=budget, min_peak=min(seq_peak(g, q) for _n, q in seqs), method="checkpoint"
-        )
+        peaks = [seq_peak(g, q) for _n, q in seqs]
+        if use_dp and as_chain(g) is not None:
+            peaks.append(_dp_min_peak(g, budget, seq_peak(g, noremat_order(g))))
+        raise InfeasibleBudget(budget=budget, min_peak=min(peaks), method="checkpoint")
     _c, name, q = min(fits, key=lambda x: x[0])
     s = to_schedule(g, q, method="checkpoint", budget=budget)
     s.info.update(candidate=name)
