@@ -113,3 +113,15 @@ def _run_once(worker: Callable[..., Any], args: tuple, world: int, timeout: floa
                 p.kill()
                 p.join()
     return [results[r] for r in range(world)]
+
+
+def run_all(rank: int, world: int, ckpt_dir: str) -> dict:
+    """Every distributed check of the test session, on one rank. It lives here, not in conftest.py: the spawned
+    processes unpickle it by module name, and several test folders have a module called ``conftest``."""
+    import _workers_data_parallel
+    import _workers_fsdp
+
+    return {
+        "data_parallel": _workers_data_parallel.run(rank, world),
+        "fsdp": _workers_fsdp.run(rank, world, ckpt_dir),
+    }
