@@ -300,10 +300,11 @@ def run(
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("remat sweep", total=len(models) * (1 + procs))
         for name in models:
-            progress.update(task, description=f"{name}: memory (MALLOC_MMAP_THRESHOLD_=65536)")
-            mem = _spawn(
-                ["--worker", "memory", "--model", name, *common], {"MALLOC_MMAP_THRESHOLD_": "65536"}
-            )
+            mem: dict[str, Any] = {}
+            if memory:
+                progress.update(task, description=f"{name}: memory (MALLOC_MMAP_THRESHOLD_=65536)")
+                env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+                mem = _spawn(["--worker", "memory", "--model", name, *common], env)
             progress.advance(task)
             times: dict[str, list[float]] = {}
             for i in range(procs):
