@@ -165,21 +165,12 @@ def solve_budget(
 def _exact_sequence(g: Graph, budget: int, time_limit: float) -> list[int] | None:
     """The MILP's best compute sequence within ``time_limit`` seconds, or ``None`` (no incumbent)."""
     import numpy as np
-    from scipy.optimize import milp
 
-    from memfit.remat.solvers.milp import _Builder
+    from memfit.remat.solvers.milp import _run
 
     if time_limit <= 0.05:
         return None
-    bld = _Builder(g)
-    obj, cons, bounds, integ = bld.build(float(budget), False)
-    res = milp(
-        obj,
-        constraints=cons,
-        bounds=bounds,
-        integrality=integ,
-        options={"time_limit": time_limit, "disp": False, "mip_rel_gap": 1e-6},
-    )
+    bld, res = _run(g, float(budget), False, time_limit, 1e-6)
     if res.x is None:
         return None
     return list(bld.computes(np.asarray(res.x)))

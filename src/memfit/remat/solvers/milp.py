@@ -29,6 +29,7 @@ References:
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -163,17 +164,25 @@ class _Builder:
         return out
 
 
-def min_peak_milp(g: Graph, *, time_limit: float = 60.0) -> int:
-    """The smallest peak reachable within the Checkmate formulation (an upper bound if timed out)."""
+def _run(
+    g: Graph, budget: float | None, min_peak: bool, time_limit: float, gap: float
+) -> tuple[_Builder, Any]:
+    """Build the Checkmate MILP for ``g`` and solve it with HiGHS; the builder reads the computes back."""
     bld = _Builder(g)
-    obj, cons, bounds, integ = bld.build(None, True)
+    obj, cons, bounds, integ = bld.build(budget, min_peak)
     res = milp(
         obj,
         constraints=cons,
         bounds=bounds,
         integrality=integ,
-        options={"time_limit": time_limit, "disp": False, "mip_rel_gap": 1e-9},
+        options={"time_limit": time_limit, "disp": False, "mip_rel_gap": gap},
     )
+    return bld, res
+
+
+def min_peak_milp(g: Graph, *, time_limit: float = 60.0) -> int:
+    """The smallest peak reachable within the Checkmate formulation (an upper bound if timed out)."""
+    bld, res = _run(g, None, True, time_limit, 1e-9)
     if res.x is None:
         raise TimeoutError(f"milp: no schedule found within time_limit={time_limit}s")
     s = to_schedule(g, bld.computes(np.asarray(res.x)), method="milp", budget=None)
@@ -202,15 +211,7 @@ def solve_milp(g: Graph, budget: int | None, *, time_limit: float = 60.0) -> Sch
         s = to_schedule(g, noremat_order(g), method="milp", budget=None)
         s.info.update(optimal=True, objective=s.simulate().cost, solve_time_s=time.perf_counter() - t0)
         return s
-    bld = _Builder(g)
-    obj, cons, bounds, integ = bld.build(float(budget), False)
-    res = milp(
-        obj,
-        constraints=cons,
-        bounds=bounds,
-        integrality=integ,
-        options={"time_limit": time_limit, "disp": False, "mip_rel_gap": 1e-9},
-    )
+    bld, res = _run(g, float(budget), False, time_limit, 1e-9)
     if res.x is None:
         if res.status == 2:  # infeasible
             try:
