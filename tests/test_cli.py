@@ -26,49 +26,20 @@ def test_help_lists_the_commands(capsys):
         build_parser().parse_args(["plan"])  # --model and --batch are required
 
 
+def _plan(optimizers, *extra):
+    """``memfit plan`` of the tiny preset at batch 2x16 in 1 GiB, without remat."""
+    args = ["plan", "--model", "tiny", "--batch", "2x16", "--memory", "1GiB"]
+    return main([*args, "--optimizers", optimizers, "--remat", "none", *extra])
+
+
 def test_plan_json_and_table(capsys):
-    assert (
-        main(
-            [
-                "plan",
-                "--model",
-                "tiny",
-                "--batch",
-                "2x16",
-                "--memory",
-                "1GiB",
-                "--optimizers",
-                "adam,sm3",
-                "--remat",
-                "none",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert _plan("adam,sm3", "--json") == 0
     data = json.loads(capsys.readouterr().out)
     assert data["batch_size"] == 2 and data["seq_len"] == 16 and data["memory"] == 2**30
     rows = {r["optimizer"]: r for r in data["rows"]}
     assert set(rows) == {"adam", "sm3"} and all(r["fits"] for r in rows.values())
     assert rows["sm3"]["breakdown"]["optimizer_state"] < rows["adam"]["breakdown"]["optimizer_state"] / 50
-    assert (
-        main(
-            [
-                "plan",
-                "--model",
-                "tiny",
-                "--batch",
-                "2x16",
-                "--memory",
-                "1GiB",
-                "--optimizers",
-                "sm3",
-                "--remat",
-                "none",
-            ]
-        )
-        == 0
-    )
+    assert _plan("sm3") == 0
     out = capsys.readouterr().out
     assert "fastest that fits" in out and "sm3" in out
 
