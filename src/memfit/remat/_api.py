@@ -219,12 +219,10 @@ class RematStep:
         flat, spec = flatten_batch(batch)
         compiled = self._compiled(flat, spec)
         captured = compiled.captured
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        buffers = dict(self.model.named_buffers(remove_duplicate=False))
-        args: list[Any] = [
-            *module_tensors(self.model, [*captured.param_names, *captured.buffer_names]),
-            *flat,
-        ]
+        names = [*captured.param_names, *captured.buffer_names]
+        tensors = module_tensors(self.model, names)
+        by_name = dict(zip(names, tensors, strict=True))  # graph names ("model." + module path) -> tensor
+        args: list[Any] = [*tensors, *flat]
         if captured.n_random:
             # one draw from the global generator per step: steps differ, schedules of one step agree
             args.append(int(torch.randint(0, 2**62, (), dtype=torch.int64).item()))
@@ -232,7 +230,7 @@ class RematStep:
             outs = compiled.gm(*args)
         del args
         for name, i in captured.grad_outputs.items():
-            p = params[name.removeprefix("model.")]
+            p = by_name[name]
             g = outs[i]
             if g._base is not None and g._base.numel() != g.numel():
                 g = g.clone()  # do not pin a larger buffer through a view
@@ -242,7 +240,7 @@ class RematStep:
                 p.grad.add_(g)
         with torch.no_grad():
             for name, i in captured.buffer_outputs.items():
-                buffers[name.removeprefix("model.")].copy_(outs[i])
+                by_name[name].copy_(outs[i])
         loss: torch.Tensor = outs[captured.loss_index]
         return loss.detach()
 
