@@ -11,6 +11,7 @@ rank 0's. See docs/distributed.md.
 from __future__ import annotations
 
 import argparse
+import gc
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,12 @@ def main() -> None:
             raise RuntimeError(f"rank {rank}: parameters diverged from rank 0's")
     if rank == 0:
         print(f"done: {args.steps} steps on {world} ranks; parameters identical on every rank", flush=True)
+    # Tear down in order: every rank done with its collectives, then DDP's reducer (it holds the process group and
+    # sits in reference cycles) freed now rather than during interpreter shutdown, where gloo's worker threads can
+    # abort the process (a rare "terminate called without an active exception", seen once in CI).
+    dist.barrier()
+    del ddp, opt, sched
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -6,6 +6,7 @@ its worker runs every check and returns plain data (numpy arrays, floats, string
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -42,6 +43,9 @@ def _entry(worker: Callable[..., Any], rank: int, world: int, port: int, out: An
         out.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
+            # free the worker's DDP objects (reference cycles holding the process group) before the group goes,
+            # not during interpreter shutdown, where gloo's threads can abort the process
+            gc.collect()
             dist.destroy_process_group()
 
 
