@@ -24,8 +24,10 @@ from torch.utils._python_dispatch import (
 
 __all__ = [
     "TorchDispatchMode",
+    "aot_eager_backend",
     "aot_export_joint",
     "fake_tensor_mode",
+    "inductor_partitioning",
     "is_traceable_wrapper_subclass",
     "is_traceable_wrapper_subclass_type",
     "load_cpp_pybinding",
@@ -125,3 +127,53 @@ def load_cpp_pybinding(argtypes: list[str], source: str) -> Any:
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
     return CppPythonBindingsCodeCache.load_pybinding(argtypes, source)
+
+
+def inductor_partitioning() -> tuple[Any, Any, Any, Any]:
+    """What memfit's compiled path plugs into: ``(compile_fx, inductor_config, CustomPartitionerFn, min_cut)``.
+
+    - ``torch._inductor.compile_fx.compile_fx``: inductor's backend for ``torch.compile`` (AOTAutograd inside).
+    - ``torch._inductor.config``: its ``custom_partitioner_fn`` replaces the forward/backward partitioner.
+    - ``torch._inductor.custom_graph_pass.CustomPartitionerFn``: the base class such a partitioner must subclass
+      (``__call__`` and ``uuid`` for inductor's caches).
+    - ``torch._functorch.partitioners.min_cut_rematerialization_partition``: the default partitioner; it honours
+      ``node.meta["recompute"]`` (``torch.utils.checkpoint.CheckpointPolicy``) tags, which memfit sets.
+
+    Raises:
+        RuntimeError: this torch lacks one of them.
+    """
+    try:
+        from torch._functorch.partitioners import min_cut_rematerialization_partition
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.custom_graph_pass import CustomPartitionerFn
+    except ImportError as exc:
+        raise RuntimeError(
+            f"torch {torch.__version__}: memfit's compiled path needs inductor's custom partitioner hook ({exc})"
+        ) from exc
+    if not hasattr(inductor_config, "custom_partitioner_fn"):
+        raise RuntimeError(
+            f"torch {torch.__version__}: torch._inductor.config has no custom_partitioner_fn; memfit.remat.backend needs a torch that has it"
+        )
+    return compile_fx, inductor_config, CustomPartitionerFn, min_cut_rematerialization_partition
+
+
+def aot_eager_backend(partition_fn: Any) -> Any:
+    """A ``torch.compile`` backend that partitions with ``partition_fn`` and runs the fx graphs as they are.
+
+    ``torch._dynamo.backends.common.aot_autograd`` with ``torch._dynamo.backends.debugging.boxed_nop`` compilers
+    and inductor's decomposition table (``torch._inductor.compile_fx.select_decomp_table``), as torch's own
+    ``aot_eager_decomp_partition`` debugging backend does: the same joint graph inductor would partition, without
+    code generation (seconds instead of tens of seconds to compile on a CPU).
+    """
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._inductor.compile_fx import select_decomp_table
+
+    return aot_autograd(
+        fw_compiler=boxed_nop,
+        bw_compiler=boxed_nop,
+        decompositions=select_decomp_table(),
+        partition_fn=partition_fn,
+        keep_inference_input_mutations=True,
+    )

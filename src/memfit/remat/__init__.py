@@ -41,6 +41,9 @@ _TORCH_API = {
     "CapturedStep": "memfit.remat._capture",
     "UnsupportedGraph": "memfit.remat._capture",
     "lower": "memfit.remat._lower",
+    "backend": "memfit.remat._inductor",
+    "MemfitBackend": "memfit.remat._inductor",
+    "CompiledPlan": "memfit.remat._inductor",
 }
 __all__ += list(_TORCH_API)
 

@@ -1,0 +1,754 @@
+"""memfit's budget solver on the compiled path: ``torch.compile(..., backend=memfit.remat.backend(budget=...))``.
+
+``torch.compile`` traces the forward and backward into one joint graph (AOTAutograd), and a *partitioner* splits it
+into a forward graph, which saves some values, and a backward graph, which recomputes the others from them; inductor
+then fuses each graph into kernels. The stock partitioner (a min-cut over the joint graph) tunes for speed, and its
+memory knob ``activation_memory_budget`` is a fraction of the saved activations' bytes that is not monotone in the
+step's peak (recomputation temporaries land in the backward, pytorch/pytorch#197838).
+
+memfit's partitioner decides instead, against a byte budget on the peak of the *whole* step:
+
+1. It models the step as inductor will run it: the forward in order, then the backward in the order AOTAutograd
+   gives it (each recomputed value inserted just before its first use, as ``reordering_to_mimic_autograd_engine``
+   does), with the memory of every *materialized* value: the output of a matmul, convolution or attention kernel, of
+   a reduction, anything an extern kernel reads, anything a graph returns or saves. A pointwise value read only by
+   fusible consumers lives inside a fused kernel and takes no memory.
+2. Costs reflect fusion: recomputing a matmul costs its FLOPs at this device's measured rate; recomputing a
+   pointwise op or a view fused into its consumer costs about the bytes it writes.
+3. A greedy pass (the "bytes freed per second recomputed" ratio of the knapsack formulations, e.g. Checkmate,
+   Jain et al. MLSys 2020, and the memory-budget partitioner of torch.compile) moves forward values from *saved* to
+   *recomputed* one at a time, always taking the value that frees the most predicted saved bytes per second of
+   added recomputation. The sequence is computed once; a budget picks its shortest prefix whose predicted peak fits.
+   Choosing "the first prefix that fits" makes the predicted peak monotone in the budget.
+4. The choice becomes ``CheckpointPolicy`` tags on the joint graph (``MUST_RECOMPUTE`` / ``MUST_SAVE``) and torch's
+   own partitioner carries it out (extraction, RNG handling, backward ordering), so the graphs inductor compiles are
+   ordinary AOTAutograd graphs. The predicted peak is then recomputed on the graphs it returns.
+
+What this path cannot express: a value recomputed more than once (TwRemat-style schedules that recompute inside the
+forward, or twice in the backward). Budgets that need those fall below :attr:`CompiledPlan.min_peak_bytes`; use the
+eager executor (:func:`memfit.remat.compile` with ``method="budget"`` or ``"twremat"``) there. Random ops (dropout)
+are always saved, never recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import CheckpointPolicy
+from torch.utils.flop_counter import flop_registry
+
+from memfit import _compat
+from memfit.remat._capture import _alias_arg, _calibrate
+
+__all__ = ["CompiledPlan", "MemfitBackend", "backend"]
+
+log = logging.getLogger(__name__)
+
+# Ops inductor runs as extern kernels (or as templates it does not fuse pointwise consumers into on every device):
+# their inputs and outputs are real buffers, and recomputing them costs their FLOPs.
+_EXTERN = frozenset(
+    {
+        "mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_scaled_mm",
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+        "_flash_attention_forward", "_efficient_attention_forward",
+        "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_flash_attention_for_cpu_backward",
+        "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention_backward",
+        "_flash_attention_backward", "_efficient_attention_backward",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CompiledPlan:
+    """memfit's decision for one compiled graph, and what it predicts.
+
+    Byte figures are the step's memory above what exists before it (parameters, the batch): activations, saved
+    values, backward temporaries and the gradients the backward returns, as the fused graphs hold them.
+
+    Attributes:
+        budget_bytes: the budget in bytes (``None``: no budget, torch's own choice of saved values is kept).
+        predicted_peak_bytes: the predicted peak of the graphs handed to inductor.
+        full_peak_bytes: the predicted peak with torch's own partitioner (the reference of a fractional budget).
+        min_peak_bytes: the smallest predicted peak this path reaches (each value recomputed at most once).
+        saved_bytes: bytes the forward saves for the backward.
+        recompute_cost_s: predicted seconds of recomputation added to the backward (fusion-aware costs).
+        recomputed_ops: forward ops memfit marked for recomputation.
+        feasible: ``False`` when the budget is below ``min_peak_bytes``; the min-peak choice is used then.
+        solve_seconds: time spent deciding (inductor's compile time is not included).
+    """
+
+    budget_bytes: int | None
+    predicted_peak_bytes: int
+    full_peak_bytes: int
+    min_peak_bytes: int
+    saved_bytes: int
+    recompute_cost_s: float
+    recomputed_ops: int
+    feasible: bool
+    solve_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def report(self) -> str:
+        mib = 2**20
+        budget = "none" if self.budget_bytes is None else f"{self.budget_bytes / mib:.1f} MiB"
+        return (
+            f"memfit compiled plan: budget {budget}, predicted peak {self.predicted_peak_bytes / mib:.1f} MiB "
+            f"(torch's partitioner {self.full_peak_bytes / mib:.1f} MiB, lowest reachable "
+            f"{self.min_peak_bytes / mib:.1f} MiB), saves {self.saved_bytes / mib:.1f} MiB, recomputes "
+            f"{self.recomputed_ops} ops (+{self.recompute_cost_s * 1e3:.1f} ms predicted)"
+            + ("" if self.feasible else "; budget infeasible on the compiled path: min-peak plan used")
+        )
+
+
+# ----------------------------------------------------------------------------------------------- the joint graph
+def _hint(x: Any) -> int:
+    """A size as an int: a symbolic one (dynamic shapes) by the example value dynamo traced with."""
+    if not isinstance(x, torch.SymInt):
+        return int(x)
+    hint = getattr(x.node, "hint", None)  # SymNode.hint: the traced example's value, or None (unbacked)
+    return int(hint) if hint is not None else 1
+
+
+def _nbytes(val: Any) -> int:
+    if not isinstance(val, torch.Tensor):
+        return 0
+    return _hint(val.numel()) * val.element_size()
+
+
+def _name(node: fx.Node) -> str:
+    packet = getattr(node.target, "overloadpacket", None)
+    return str(getattr(packet, "__name__", node.target))
+
+
+def _kind(node: fx.Node) -> str:
+    """``"input"``, ``"view"``, ``"extern"``, ``"pointwise"``, ``"getitem"`` or ``"other"`` (reductions and the
+    rest: a kernel boundary of its own)."""
+    if node.op == "placeholder":
+        return "input"
+    if node.target is operator.getitem:
+        parent = node.args[0]
+        if isinstance(parent, fx.Node) and _is_view(parent):
+            return "view"  # a piece of split/unbind/chunk: a view of the op's input
+        return "getitem"
+    if _name(node) in _EXTERN:
+        return "extern"
+    tags = getattr(node.target, "tags", ())
+    if torch.Tag.pointwise in tags:
+        return "pointwise"
+    if _is_view(node):
+        return "view"
+    return "other"
+
+
+def _view_base(node: fx.Node) -> fx.Node | None:
+    """The value whose storage a view reads (for a piece of a multi-output view op, that op's input)."""
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        parent = node.args[0]
+        return _alias_arg(parent, int(node.args[1])) if _is_view(parent) else None  # type: ignore[arg-type]
+    return _alias_arg(node, 0) if _is_view(node) else None
+
+
+def _owners(nodes: Iterable[fx.Node], kind: dict[fx.Node, str]) -> dict[fx.Node, fx.Node]:
+    """Each value's storage owner: itself, or for a view (of a view ...) the value it aliases."""
+    owner: dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        base = _view_base(n) if kind[n] == "view" else None
+        owner[n] = owner.get(base, base) if base is not None else n
+    return owner
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target is operator.getitem:
+        return False
+    try:
+        return _alias_arg(node, 0) is not None
+    except Exception:  # an in-place op: not a view; it is never recomputed (saved)
+        return False
+
+
+def _is_tensors(val: Any) -> bool:
+    if isinstance(val, torch.Tensor):
+        return True
+    return isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)
+
+
+def _is_random(node: fx.Node) -> bool:
+    return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+
+
+def _is_impure(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def _flops(node: fx.Node) -> int:
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet is None or packet not in flop_registry:
+        return 0
+    args, kwargs = pytree.tree_map_only(fx.Node, lambda a: a.meta.get("val"), (node.args, node.kwargs))
+    try:
+        return _hint(flop_registry[packet](*args, out_val=node.meta.get("val"), **kwargs))
+    except Exception:  # a formula that does not take this overload's arguments: count bytes only
+        return 0
+
+
+class _Model:
+    """The joint graph as values with sizes, costs and the fusion model, and the step simulator."""
+
+    def __init__(self, gm: fx.GraphModule, num_fwd_outputs: int, device: torch.device, fused: bool) -> None:
+        self.fused = fused
+        graph = gm.graph
+        self.nodes = [n for n in graph.nodes if n.op != "output"]
+        out = next(n for n in graph.nodes if n.op == "output")
+        outs = [a for a in pytree.tree_leaves(out.args[0]) if isinstance(a, fx.Node)]
+        self.fw_outputs = set(outs[:num_fwd_outputs])
+        self.bw_outputs = set(outs[num_fwd_outputs:])
+        tangents = {n for n in self.nodes if n.op == "placeholder" and "tangents" in str(n.target)}
+        # forward = ancestors of the forward outputs that do not depend on a tangent; backward = the rest
+        needs_tangent: set[fx.Node] = set()
+        for n in self.nodes:
+            if n in tangents or any(a in needs_tangent for a in n.all_input_nodes):
+                needs_tangent.add(n)
+        fw: set[fx.Node] = set()
+        stack = [n for n in self.fw_outputs if n not in needs_tangent]
+        while stack:
+            n = stack.pop()
+            if n in fw or n.op == "placeholder":
+                continue
+            fw.add(n)
+            stack.extend(a for a in n.all_input_nodes if a not in needs_tangent)
+        for n in list(
+            fw
+        ):  # every piece of a forward multi-output op is a forward value (logsumexp, mean, rstd)
+            fw.update(u for u in n.users if u.target is operator.getitem and u not in needs_tangent)
+        self.fw = [n for n in self.nodes if n in fw]
+        self.bw = [n for n in self.nodes if n.op == "call_function" and n not in fw]
+        # backward ops that read no tangent (e.g. an activation's derivative): torch's partitioner may move them
+        # into the forward and save their result; memfit keeps them in the backward, where it models them
+        self.unclaimed = [n for n in self.bw if n not in needs_tangent]
+        self.kind = {n: _kind(n) for n in self.nodes}
+        # a view's memory is its base's: map every value to the value that owns its storage
+        self.owner = _owners(self.nodes, self.kind)
+        self.bytes = {
+            n: 0 if self.kind[n] in ("view", "input") else _nbytes(n.meta.get("val")) for n in self.nodes
+        }
+        rates = _calibrate(device)
+        self.cost: dict[fx.Node, float] = {}
+        for n in self.fw:
+            if self.kind[n] == "extern":
+                read = sum(_nbytes(a.meta.get("val")) for a in n.all_input_nodes)
+                self.cost[n] = (
+                    _flops(n) / rates.flops_per_s
+                    + (read + self.bytes[n]) / rates.bytes_per_s
+                    + rates.op_overhead_s
+                )
+            elif self.kind[n] in ("view", "getitem"):
+                self.cost[n] = 0.0
+            else:  # fused into its consumer: about the bytes it writes, once more
+                self.cost[n] = self.bytes[n] / rates.bytes_per_s
+        self.fixed = {  # forward values never recomputed: random, in-place, non-tensor, or saved by torch's rule
+            n
+            for n in self.fw
+            if _is_random(n)
+            or _is_impure(n)
+            or not _is_tensors(n.meta.get("val"))
+            or n.meta.get("recompute") == CheckpointPolicy.MUST_SAVE  # collectives, effectful ops
+        }
+        # a multi-output op is recomputed as one: the bytes it frees are its saved outputs'
+        self.outputs_of = {
+            n: [u for u in n.users if u.target is operator.getitem]
+            for n in self.fw
+            if self.kind[n] != "getitem"
+        }
+        for n in list(self.fixed):  # the outputs of a fixed multi-output op stay with it
+            self.fixed.update(u for u in n.users if u.target is operator.getitem)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+
+    # -------------------------------------------------------------------------------------------- fusion
+    def _materialized(self, n: fx.Node, users: Iterable[fx.Node], kept: bool) -> bool:
+        kind = self.kind[n]
+        if kind in ("view", "input") or self.bytes[n] == 0:
+            return False
+        if kept or not self.fused or kind in ("extern", "other", "getitem"):
+            return True
+        users = list(users)
+        return any(self.kind[u] in ("extern", "other") for u in users) or len(users) > 1
+
+    # -------------------------------------------------------------------------------------------- simulation
+    def simulate(self, recompute: set[fx.Node]) -> tuple[int, int]:
+        """``(peak, saved bytes)`` of the step when the forward values in ``recompute`` are recomputed in the
+        backward and every other forward value the backward needs is saved."""
+        saved = self.saved_set(recompute)
+        bw_seq = self._backward_order(recompute)
+        seq = [(n, False) for n in self.fw] + bw_seq
+        # last use of each storage owner over the whole sequence; recomputed copies are distinct values
+        position: dict[tuple[fx.Node, bool], int] = {key: i for i, key in enumerate(seq)}
+        last: dict[tuple[fx.Node, bool], int] = {}
+        users: dict[tuple[fx.Node, bool], list[fx.Node]] = {}
+        for i, (n, again) in enumerate(seq):
+            for a in n.all_input_nodes:
+                src = self._source(a, n, again, recompute)
+                if src is None:
+                    continue
+                users.setdefault(src, []).append(n)
+                # the storage read: a view's base, in the copy the reader sees (a recomputed view of a saved base
+                # reads the saved base)
+                owner = self._source(self.owner[a], n, again, recompute)
+                if owner is not None:
+                    last[owner] = max(last.get(owner, -1), i)
+        for n in self.fw_outputs:
+            if (n, False) in position:
+                last[(self.owner[n], False)] = len(seq)
+        for n in self.bw_outputs:
+            if (n, False) in position:
+                last[(self.owner[n], False)] = len(seq)
+        live = 0
+        peak = 0
+        frees: dict[int, int] = {}
+        for i, key in enumerate(seq):
+            n, _ = key
+            kept = (n in saved and not key[1]) or n in self.bw_outputs or n in self.fw_outputs
+            if self._materialized(n, users.get(key, ()), kept):
+                size = self.bytes[n]
+                live += size
+                end = last.get(key, i)
+                frees[end] = frees.get(end, 0) + size
+            peak = max(peak, live)
+            live -= frees.pop(i, 0)
+        return peak, sum(self.bytes[n] for n in saved)
+
+    def _source(
+        self, a: fx.Node, reader: fx.Node, again: bool, recompute: set[fx.Node]
+    ) -> tuple[fx.Node, bool] | None:
+        """Which copy of ``a`` the op ``reader`` reads: a recomputation or a backward op reads the recomputed copy
+        of a recomputed value, a forward op the forward's."""
+        if a.op == "placeholder":
+            return None
+        return (a, a in recompute and (again or reader not in self._fw_set))
+
+    @property
+    def _fw_set(self) -> set[fx.Node]:
+        if not hasattr(self, "_fw_cache"):
+            self._fw_cache = set(self.fw)
+        return self._fw_cache
+
+    def saved_set(self, recompute: set[fx.Node]) -> set[fx.Node]:
+        """Forward values (storage owners) the backward reads, directly or through recomputed values."""
+        saved: set[fx.Node] = set()
+        stack = [a for n in self.bw for a in n.all_input_nodes if a in self._fw_set]
+        seen: set[fx.Node] = set()
+        while stack:
+            a = stack.pop()
+            if a in seen:
+                continue
+            seen.add(a)
+            if a in recompute:
+                stack.extend(x for x in a.all_input_nodes if x in self._fw_set)
+            else:
+                saved.add(self.owner[a])
+        return saved
+
+    def _backward_order(self, recompute: set[fx.Node]) -> list[tuple[fx.Node, bool]]:
+        """The backward as AOTAutograd orders it (``reordering_to_mimic_autograd_engine``): the ops that read a
+        tangent in their original order, each preceded by the not-yet-computed recomputed and tangent-free ops it
+        needs, those in their original order."""
+        lazy = recompute | self._unclaimed_set
+        done: set[fx.Node] = set()
+        seq: list[tuple[fx.Node, bool]] = []
+        for n in self.bw:
+            if n in self._unclaimed_set:
+                continue
+            need: set[fx.Node] = set()
+            stack = [a for a in n.all_input_nodes if a in lazy and a not in done]
+            while stack:
+                a = stack.pop()
+                if a in need or a in done:
+                    continue
+                need.add(a)
+                stack.extend(x for x in a.all_input_nodes if x in lazy and x not in done and x not in need)
+            for a in sorted(need, key=self.order.__getitem__):
+                done.add(a)
+                seq.append((a, a in recompute))
+            seq.append((n, False))
+        return seq
+
+    @property
+    def _unclaimed_set(self) -> set[fx.Node]:
+        if not hasattr(self, "_unclaimed_cache"):
+            self._unclaimed_cache = set(self.unclaimed)
+        return self._unclaimed_cache
+
+    # -------------------------------------------------------------------------------------------- greedy
+    def candidates(self) -> list[fx.Node]:
+        """Forward ops that may be recomputed (the outputs of a multi-output op go with it, not alone)."""
+        return [n for n in self.fw if n not in self.fixed and self.kind[n] not in ("input", "getitem")]
+
+    def _values(self, n: fx.Node) -> list[fx.Node]:
+        """The values op ``n`` makes: itself, or its getitems."""
+        return self.outputs_of.get(n) or [n]
+
+    def greedy(self, start: set[fx.Node], limit_s: float = 30.0) -> list[list[fx.Node]]:
+        """Moves of forward values from saved to recomputed, in memfit's order: each move the one that frees the
+        most saved bytes per second of added recomputation, given the moves before it.
+
+        A move recomputes one saved value ``c`` and either saves whatever of its inputs is not yet available
+        (gain: ``c``'s bytes less theirs), or recomputes those inputs too, back to values already saved or
+        parameters (gain: all of ``c``'s bytes, cost: the whole chain). The second kind is what reaches per-block
+        checkpointing: a block's interior recomputed from its saved input.
+        """
+        recompute = set(start)
+        moves: list[list[fx.Node]] = []
+        cands = [n for n in self.candidates() if n not in recompute]
+        t0 = time.perf_counter()
+        saved = self.saved_set(recompute)
+        while time.perf_counter() - t0 < limit_s:
+            best: list[fx.Node] | None = None
+            best_ratio = 0.0
+            for c in cands:
+                if c in recompute:
+                    continue
+                freed = sum(self.bytes[v] for v in self._values(c) if self.owner[v] is v and v in saved)
+                if freed <= 0:
+                    continue
+                missing = self._missing_inputs(c, saved, recompute)
+                simple_gain = freed - sum(self.bytes[x] for x in missing)
+                if simple_gain > 0:
+                    ratio = simple_gain / (self.cost[c] + 1e-9)
+                    if ratio > best_ratio:
+                        best, best_ratio = [c], ratio
+                if missing:
+                    chain = self._chain(c, saved, recompute)
+                    if chain is not None:
+                        ratio = freed / (sum(self.cost[x] for x in chain) + 1e-9)
+                        if ratio > best_ratio:
+                            best, best_ratio = chain, ratio
+            if best is None:
+                break
+            move: list[fx.Node] = []
+            for c in best:
+                for g in [c, *self.outputs_of.get(c, [])]:
+                    if g not in recompute:
+                        recompute.add(g)
+                        move.append(g)
+            moves.append(move)
+            saved = self.saved_set(recompute)
+        return moves
+
+    def _missing_inputs(self, c: fx.Node, saved: set[fx.Node], recompute: set[fx.Node]) -> set[fx.Node]:
+        """Storage owners among ``c``'s forward inputs that are neither saved nor recomputed."""
+        return {
+            o
+            for o in (self.owner[x] for x in c.all_input_nodes if x in self._fw_set)
+            if o in self._fw_set and o not in saved and o not in recompute
+        }
+
+    def _chain(
+        self, c: fx.Node, saved: set[fx.Node], recompute: set[fx.Node], cap: int = 256
+    ) -> list[fx.Node] | None:
+        """``c`` and the ancestors needed to recompute it from saved values and parameters, in topological order
+        (``None`` if that reaches a value that cannot be recomputed or more than ``cap`` ops)."""
+        chain: set[fx.Node] = set()
+        stack = [c]
+        while stack:
+            x = stack.pop()
+            if x in chain:
+                continue
+            if x is not c and x in self.fixed:
+                return None
+            chain.add(x)
+            if len(chain) > cap:
+                return None
+            for a in x.all_input_nodes:
+                if a not in self._fw_set or a in recompute:
+                    continue
+                o = self.owner[a]
+                if o in saved and a is o:
+                    continue
+                if a.target is operator.getitem and isinstance(a.args[0], fx.Node):
+                    a = a.args[0]  # a piece of a multi-output op: recompute the op
+                    if a in recompute or a in chain:
+                        continue
+                if a is not o and o in saved:
+                    continue  # a view of a saved value: free
+                stack.append(a)
+        return sorted(chain, key=self.order.__getitem__)
+
+
+def _default_recompute(model: _Model) -> set[fx.Node]:
+    """Views are always recomputed from their saved base (free); every other forward value starts saved."""
+    return {n for n in model.candidates() if model.kind[n] == "view"}
+
+
+def _tag(model: _Model, recompute: set[fx.Node]) -> None:
+    """Write the choice as checkpoint-policy tags, which torch's min-cut partitioner obeys."""
+    for n in [*model.fw, *model.unclaimed]:
+        if n.op != "call_function" or n in model.fixed:
+            continue
+        if n in recompute or n not in model._fw_set:
+            n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        else:
+            n.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+        n.meta.pop("ac_graph_id", None)  # one region: no boundary saves between checkpoint regions
+
+
+def _graph_peak(
+    fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_outputs: int, fused: bool
+) -> tuple[int, int]:
+    """``(peak, saved bytes)`` of a partitioned pair under the same fusion model as :class:`_Model`: the forward,
+    then the backward, whose saved inputs are freed after their last use (inductor's boxed calling convention lets
+    it). A saved parameter or input costs nothing (it exists anyway); a saved view costs its base once."""
+    fw_nodes = [n for n in fw_gm.graph.nodes if n.op != "output"]
+    fw_kind = {n: _kind(n) for n in fw_nodes}
+    fw_owner = _owners(fw_nodes, fw_kind)
+    fw_out = next(n for n in fw_gm.graph.nodes if n.op == "output")
+    saved = [a for a in pytree.tree_leaves(fw_out.args[0]) if isinstance(a, fx.Node)][num_fwd_outputs:]
+    # each saved storage is carried once, by the first saved value that holds it
+    carried: dict[str, int] = {}
+    seen: set[fx.Node] = set()
+    for a in saved:
+        root = fw_owner[a]
+        size = 0 if root.op == "placeholder" or root in seen else _nbytes(root.meta.get("val"))
+        seen.add(root)
+        carried[a.name] = size
+    fw_peak, _ = _run_peak(fw_nodes, fw_kind, fw_owner, keep=set(saved), carry={}, fused=fused)
+    bw_nodes = [n for n in bw_gm.graph.nodes if n.op != "output"]
+    bw_kind = {n: _kind(n) for n in bw_nodes}
+    bw_out = next(n for n in bw_gm.graph.nodes if n.op == "output")
+    grads = {a for a in pytree.tree_leaves(bw_out.args[0]) if isinstance(a, fx.Node)}
+    carry = {n: carried[n.name] for n in bw_nodes if n.op == "placeholder" and n.name in carried}
+    bw_peak, _ = _run_peak(
+        bw_nodes, bw_kind, _owners(bw_nodes, bw_kind), keep=grads, carry=carry, fused=fused
+    )
+    # what the forward returns to the caller (the loss) is held through the backward
+    outputs = {
+        fw_owner[a] for a in pytree.tree_leaves(fw_out.args[0])[:num_fwd_outputs] if isinstance(a, fx.Node)
+    }
+    held = sum(_nbytes(o.meta.get("val")) for o in outputs if o.op != "placeholder" and o not in seen)
+    return max(fw_peak, bw_peak + held), sum(carried.values())
+
+
+def _run_peak(
+    nodes: list[fx.Node],
+    kind: dict[fx.Node, str],
+    owner: dict[fx.Node, fx.Node],
+    keep: set[fx.Node],
+    carry: dict[fx.Node, int],
+    fused: bool,
+) -> tuple[int, int]:
+    """``(peak, live at the end)`` of one graph run in order: ``carry`` are inputs that occupy memory until their
+    last use, ``keep`` values that live to the end (outputs)."""
+    last: dict[fx.Node, int] = {}
+    for i, n in enumerate(nodes):
+        for a in n.all_input_nodes:
+            last[owner[a]] = i
+    for n in keep:  # an output that is a view (a transposed weight gradient) keeps its base
+        last[owner[n]] = len(nodes)
+    frees: dict[int, int] = {}
+    live = 0
+    for p, size in carry.items():
+        live += size
+        end = last.get(owner[p], -1)
+        frees[end] = frees.get(end, 0) + size
+    live -= frees.pop(-1, 0)
+    peak = live
+    for i, n in enumerate(nodes):
+        k = kind[n]
+        size = _nbytes(n.meta.get("val")) if n.op != "placeholder" and k != "view" else 0
+        if size > 0:
+            users = list(n.users)
+            materialized = (
+                n in keep
+                or not fused
+                or k in ("extern", "other", "getitem")
+                or any(u.op == "output" or kind.get(u) in ("extern", "other") for u in users)
+                or len(users) > 1
+            )
+            if materialized:
+                live += size
+                end = last.get(n, i)
+                frees[end] = frees.get(end, 0) + size
+        peak = max(peak, live)
+        live -= frees.pop(i, 0)
+    return peak, live + sum(frees.values())
+
+
+# ----------------------------------------------------------------------------------------------- the partitioner
+def _make_partitioner(backend: MemfitBackend) -> Any:
+    _, _, partitioner_base, min_cut = _compat.inductor_partitioning()
+
+    class _MemfitPartitioner(partitioner_base):  # type: ignore[misc, valid-type]
+        def __call__(
+            self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
+        ) -> tuple[fx.GraphModule, fx.GraphModule]:
+            return backend._partition(gm, joint_inputs, min_cut, **kwargs)
+
+        def uuid(self) -> Any:
+            return None  # the choice depends on the budget and measured rates: never reuse a cached compile
+
+    return _MemfitPartitioner()
+
+
+class MemfitBackend:
+    """A ``torch.compile`` backend: inductor, with memfit choosing what the forward saves. See :func:`backend`."""
+
+    def __init__(
+        self, budget: int | float | None, *, compiler: str = "inductor", verbose: bool = False
+    ) -> None:
+        if compiler not in ("inductor", "aot_eager"):
+            raise ValueError(f"compiler must be 'inductor' or 'aot_eager', got {compiler!r}")
+        self.compiler = compiler
+        self._fused = compiler == "inductor"  # aot_eager runs every op unfused: every value is materialized
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+                raise TypeError(f"budget must be an int (bytes), a float in (0, 1] or None, got {budget!r}")
+            if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+                raise ValueError(
+                    f"a fractional budget must be in (0, 1] (of the step's predicted peak with torch's own "
+                    f"partitioner); got {budget}. Pass an int for bytes."
+                )
+            if isinstance(budget, int) and budget <= 0:
+                raise ValueError(f"a byte budget must be positive, got {budget}")
+        self.budget = budget
+        self.verbose = verbose
+        self.plans: list[CompiledPlan] = []
+
+    def __repr__(self) -> str:
+        return f"memfit.remat.backend(budget={self.budget!r}, compiler={self.compiler!r})"
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        compile_fx, inductor_config, _, min_cut = _compat.inductor_partitioning()
+        if self.compiler == "aot_eager":
+
+            def partition(joint: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any) -> Any:
+                return self._partition(joint, joint_inputs, min_cut, compiler="inductor", **kwargs)
+
+            return _compat.aot_eager_backend(partition)(gm, example_inputs)
+        # inductor's FX graph cache keys on the config, which now holds a partitioner whose choice depends on the
+        # budget and measured rates: compile afresh
+        with inductor_config.patch(custom_partitioner_fn=_make_partitioner(self), fx_graph_cache=False):
+            return compile_fx(gm, example_inputs)
+
+    # ------------------------------------------------------------------------------------------------
+    def _partition(
+        self, gm: fx.GraphModule, joint_inputs: Sequence[object], min_cut: Any, **kwargs: Any
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        t0 = time.perf_counter()
+        num_fwd_outputs = int(kwargs["num_fwd_outputs"])
+        # torch's own choice first (it also runs dead-code elimination and CSE on ``gm``): the reference of a
+        # fractional budget, and the answer when there is no budget
+        ref_fw, ref_bw = min_cut(gm, joint_inputs, **kwargs)
+        full_peak, full_saved = _graph_peak(ref_fw, ref_bw, num_fwd_outputs, self._fused)
+        if self.budget is None:
+            plan = CompiledPlan(None, full_peak, full_peak, full_peak, full_saved, 0.0, 0, True, 0.0)
+            return self._done(plan, ref_fw, ref_bw, t0)
+        model = _Model(gm, num_fwd_outputs, _device_of(gm), self._fused)
+
+        budget = int(self.budget * full_peak) if isinstance(self.budget, float) else int(self.budget)
+        start = _default_recompute(model)
+        moves = model.greedy(start)
+        prefixes = [set(start)]
+        for move in moves:
+            prefixes.append(prefixes[-1] | set(move))
+        prefixes = _sampled(prefixes)
+        peaks = [model.simulate(r)[0] for r in prefixes]
+        lowest = min(range(len(peaks)), key=peaks.__getitem__)
+        # the shortest prefix whose predicted peak fits: "first fit" makes the choice monotone in the budget
+        fits = [i for i, peak in enumerate(peaks) if peak <= budget]
+        # the partitioned graphs are the truth; where they exceed the budget after all, take the next prefix, and
+        # at last the lowest
+        tries = [*fits[:3], lowest] if lowest not in fits[:3] else fits[:3]
+        for attempt, i in enumerate(tries):
+            chosen = prefixes[i]
+            _tag(model, chosen)
+            fw_gm, bw_gm = min_cut(gm, joint_inputs, **kwargs)
+            peak, saved_bytes = _graph_peak(fw_gm, bw_gm, num_fwd_outputs, self._fused)
+            log.debug(
+                "prefix %d: model peak %d, partitioned graphs %d (attempt %d)", i, peaks[i], peak, attempt
+            )
+            if peak <= budget:
+                break
+        feasible = peak <= budget
+        if not feasible:
+            warnings.warn(
+                f"memfit.remat.backend: budget {budget / 2**20:.1f} MiB is below the lowest peak the compiled path "
+                f"reaches ({peak / 2**20:.1f} MiB predicted); using that. Lower budgets need values recomputed "
+                "more than once: use memfit.remat.compile (the eager executor) there.",
+                stacklevel=2,
+            )
+        plan = CompiledPlan(
+            budget_bytes=budget,
+            predicted_peak_bytes=peak,
+            full_peak_bytes=full_peak,
+            min_peak_bytes=min(peaks[lowest], peak),
+            saved_bytes=saved_bytes,
+            recompute_cost_s=sum(model.cost[n] for n in chosen if n not in start),
+            recomputed_ops=sum(1 for n in chosen if n not in start and model.kind[n] != "getitem"),
+            feasible=feasible,
+            solve_seconds=0.0,
+        )
+        return self._done(plan, fw_gm, bw_gm, t0)
+
+    def _done(
+        self, plan: CompiledPlan, fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, t0: float
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        plan = CompiledPlan(**{**plan.to_dict(), "solve_seconds": time.perf_counter() - t0})
+        self.plans.append(plan)
+        if self.verbose:
+            print(plan.report())
+        log.info("%s", plan.report())
+        return fw_gm, bw_gm
+
+
+def _sampled(prefixes: list[set[fx.Node]]) -> list[set[fx.Node]]:
+    """At most ~200 evenly spaced prefixes (always the first and the last): simulating each is linear in the graph."""
+    n = len(prefixes)
+    if n <= 200:
+        return prefixes
+    step = n / 200
+    idx = sorted({int(i * step) for i in range(200)} | {n - 1})
+    return [prefixes[i] for i in idx]
+
+
+def _device_of(gm: fx.GraphModule) -> torch.device:
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return val.device
+    return torch.device("cpu")
+
+
+def backend(
+    budget: int | float | None = None, *, compiler: str = "inductor", verbose: bool = False
+) -> MemfitBackend:
+    """A ``torch.compile`` backend: inductor, with memfit's solver choosing what the forward saves.
+
+    ::
+
+        be = memfit.remat.backend(budget=0.4)
+        step = torch.compile(lambda batch: loss_fn(model, batch), backend=be)
+        step(batch).backward()
+        print(be.plans[0].report())
+
+    Args:
+        budget: the step's peak memory above its starting point, as bytes (``int``) or as a fraction in
+            ``(0, 1]`` of the peak memfit predicts for torch's own partitioner; ``None`` keeps torch's choice.
+        compiler: ``"inductor"`` (fused kernels: the point of this path) or ``"aot_eager"`` (the same partitioned
+            graphs run op by op: compiles in seconds, for debugging and tests; its memory is not the fused one).
+        verbose: print each graph's plan when it is compiled.
+
+    Returns:
+        The backend; its ``plans`` list gains one :class:`CompiledPlan` per compiled graph.
+    """
+    return MemfitBackend(budget, compiler=compiler, verbose=verbose)

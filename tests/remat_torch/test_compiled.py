@@ -1,0 +1,209 @@
+"""memfit.remat.backend: memfit's solver choosing what torch.compile's forward saves.
+
+The fast cases use ``compiler="aot_eager"`` (the same partitioned graphs, run op by op: seconds to compile); the
+cases that compile with inductor take tens of seconds on a CPU and are marked slow.
+"""
+
+import copy
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import memfit.remat
+from memfit.models import get_model, lm_loss
+
+from .models import cnn, image_batch, mlp, vector_batch, xent
+
+HERE = Path(__file__).resolve().parent
+
+
+def _gpt_batch(n: int = 4, t: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (n, t + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+CASES = {
+    "mlp": (lambda: mlp(width=64, depth=4), xent, lambda: vector_batch(64, 64)),
+    "cnn-bn-residual": (lambda: cnn(c=8, blocks=3), xent, lambda: image_batch(4, 8)),
+    "mini-gpt": (lambda: get_model("mini").build(), lm_loss, _gpt_batch),
+}
+
+
+def _compiled_step(model, loss_fn, budget, compiler="aot_eager"):
+    torch._dynamo.reset()
+    backend = memfit.remat.backend(budget=budget, compiler=compiler)
+    return torch.compile(lambda b: loss_fn(model, b), backend=backend), backend
+
+
+def _grads_after(step, model, batch):
+    for p in model.parameters():
+        p.grad = None
+    loss = step(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _check_against_eager(name, budgets, compiler, rtol, atol):
+    make_model, loss_fn, make_batch = CASES[name]
+    torch.manual_seed(0)
+    model = make_model()
+    batch = make_batch()
+    eager = copy.deepcopy(model)
+    eager_loss = loss_fn(eager, batch)
+    eager_loss.backward()
+    plans = []
+    for budget in budgets:
+        m = copy.deepcopy(model)  # fresh BatchNorm statistics for every budget
+        step, backend = _compiled_step(m, loss_fn, budget, compiler)
+        loss, grads = _grads_after(step, m, batch)
+        torch.testing.assert_close(loss, eager_loss.detach(), rtol=rtol, atol=atol)
+        for n, p in eager.named_parameters():
+            torch.testing.assert_close(
+                grads[n], p.grad, rtol=rtol, atol=atol, msg=lambda msg, n=n, b=budget: f"{b} {n}: {msg}"
+            )
+        for (n, b), (_, b_ref) in zip(m.named_buffers(), eager.named_buffers(), strict=True):
+            torch.testing.assert_close(b, b_ref, msg=lambda msg, n=n: f"buffer {n}: {msg}")
+        assert len(backend.plans) == 1, "one graph: no graph break expected"
+        plans.append(backend.plans[0])
+    return plans
+
+
+@pytest.mark.filterwarnings("ignore:memfit.remat.backend. budget .* is below the lowest peak")
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_equal_eager_autograd_at_every_budget(name):
+    plans = _check_against_eager(name, [None, 0.8, 0.05], "aot_eager", rtol=1e-4, atol=1e-5)
+    # recomputation happened where the budget asked for it: less is saved, more is recomputed
+    assert plans[-1].saved_bytes < plans[0].saved_bytes
+    assert plans[-1].recomputed_ops > 0 and plans[-1].recompute_cost_s > 0
+
+
+def test_predicted_peak_is_monotone_in_the_budget_and_fits_it():
+    make_model, loss_fn, make_batch = CASES["mini-gpt"]
+    torch.manual_seed(0)
+    model, batch = make_model(), make_batch()
+    plans = []
+    for budget in [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.1]:
+        step, backend = _compiled_step(model, loss_fn, budget)
+        with_warning = (
+            pytest.warns(UserWarning, match="below the lowest peak") if budget <= 0.3 else _nothing()
+        )
+        with with_warning:
+            step(batch).backward()
+        plans.append(backend.plans[0])
+    peaks = [p.predicted_peak_bytes for p in plans]
+    assert peaks == sorted(peaks, reverse=True), peaks
+    costs = [p.recompute_cost_s for p in plans]
+    assert costs == sorted(costs), costs
+    for p in plans:
+        assert p.full_peak_bytes == plans[0].full_peak_bytes  # the reference does not depend on the budget
+        if p.feasible:
+            assert p.predicted_peak_bytes <= p.budget_bytes
+        else:
+            assert p.budget_bytes < p.min_peak_bytes <= p.predicted_peak_bytes
+    assert plans[0].feasible and not plans[-1].feasible
+    # the lowest reachable peak is well below torch's own partitioner (this model: about 0.6 of it)
+    assert plans[-1].predicted_peak_bytes < 0.8 * plans[0].full_peak_bytes
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_byte_budget_and_no_budget():
+    make_model, loss_fn, make_batch = CASES["mlp"]
+    torch.manual_seed(0)
+    model, batch = make_model(), make_batch()
+    step, backend = _compiled_step(model, loss_fn, None)
+    step(batch).backward()
+    ref = backend.plans[0]
+    assert (
+        ref.budget_bytes is None
+        and ref.predicted_peak_bytes == ref.full_peak_bytes
+        and ref.recomputed_ops == 0
+    )
+    step, backend = _compiled_step(model, loss_fn, 0.9)
+    step(batch).backward()
+    frac = backend.plans[0]
+    assert frac.feasible and frac.budget_bytes == int(0.9 * ref.full_peak_bytes)
+    # a byte budget equal to what the fractional one reached: fits, and makes the same choice (first fit)
+    budget = frac.predicted_peak_bytes
+    step, backend = _compiled_step(model, loss_fn, budget)
+    step(batch).backward()
+    plan = backend.plans[0]
+    assert plan.budget_bytes == budget and plan.feasible
+    assert plan.predicted_peak_bytes == frac.predicted_peak_bytes and plan.saved_bytes == frac.saved_bytes
+    d = plan.to_dict()
+    assert d["predicted_peak_bytes"] == plan.predicted_peak_bytes and json.dumps(d)
+    text = plan.report()
+    assert "predicted peak" in text and "MiB" in text
+
+
+@pytest.mark.parametrize(
+    "budget, error, match",
+    [
+        (0.0, ValueError, r"in \(0, 1\]"),
+        (1.5, ValueError, r"in \(0, 1\]"),
+        (-5, ValueError, "positive"),
+        ("half", TypeError, "bytes"),
+        (True, TypeError, "bytes"),
+    ],
+)
+def test_bad_budget_is_a_clear_error(budget, error, match):
+    with pytest.raises(error, match=match):
+        memfit.remat.backend(budget=budget)
+
+
+def test_unknown_compiler_is_a_clear_error():
+    with pytest.raises(ValueError, match="'inductor' or 'aot_eager'"):
+        memfit.remat.backend(budget=0.5, compiler="tvm")
+
+
+def _measure(name, compiler, budgets):
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(HERE / "_compiled_rss.py"), name, compiler, *map(str, budgets)],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_measured_peak_matches_prediction_aot_eager():
+    """Process RSS during the step (large blocks returned to the OS) against the plan's predicted peak."""
+    rows = _measure("mlp", "aot_eager", ["none", 0.8, 0.6])
+    assert len(rows) == 3
+    for row in rows:
+        (plan,) = row["plans"]
+        assert row["measured"] == pytest.approx(plan["predicted_peak_bytes"], rel=0.05), row
+    measured = [row["measured"] for row in rows]
+    assert measured[2] < 0.8 * measured[0]  # the budget really lowers the step's memory
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:memfit.remat.backend. budget .* is below the lowest peak")
+@pytest.mark.parametrize("name", ["cnn-bn-residual", "mini-gpt"])
+def test_inductor_gradients_equal_eager_autograd(name):
+    _check_against_eager(name, [1.0, 0.5, 0.05], "inductor", rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mlp", "gpt"])
+def test_inductor_measured_peak_matches_prediction(name):
+    rows = _measure(name, "inductor", ["none", 0.8, 0.5, 0.3])
+    for row in rows:
+        (plan,) = row["plans"]
+        assert row["measured"] == pytest.approx(plan["predicted_peak_bytes"], rel=0.10), row
+    measured = [row["measured"] for row in rows]
+    # monotone in the budget, up to 2% of RSS noise
+    assert all(b - a < 0.02 * measured[0] for a, b in itertools.pairwise(measured)), measured
