@@ -28,6 +28,7 @@ __all__ = [
     "aot_export_joint",
     "fake_tensor_mode",
     "inductor_partitioning",
+    "inductor_wrapper_peak",
     "is_traceable_wrapper_subclass",
     "is_traceable_wrapper_subclass_type",
     "load_cpp_pybinding",
@@ -177,3 +178,68 @@ def aot_eager_backend(partition_fn: Any) -> Any:
         partition_fn=partition_fn,
         keep_inference_input_mutations=True,
     )
+
+
+def inductor_wrapper_peak(source_code: str, arg_bytes: dict[str, int]) -> int | None:
+    """The peak bytes of one call of an inductor-compiled graph, read from its generated Python wrapper.
+
+    Inductor's wrapper (``CompiledFxGraph.source_code``, torch/_inductor/codegen/wrapper.py) allocates every buffer
+    with ``bufN = empty_strided_<device>((sizes), (strides), dtype)``, hands one to another with
+    ``bufM = reinterpret_tensor(bufN, ...); del bufN  # reuse``, and frees with ``del a, b``; the graph's inputs
+    (``a, b = args``, then ``args.clear()``) are freed by ``del`` after their last use as well. Replaying those
+    statements gives the buffer plan's peak: inputs still alive plus allocated buffers. Buffers a fallback kernel
+    returns (no ``empty_strided``) are not counted.
+
+    Args:
+        source_code: the wrapper module's source.
+        arg_bytes: bytes of each input by name that occupies memory of its own (others count 0).
+
+    Returns:
+        The peak in bytes, or ``None`` when the source has no ``call`` function of the expected form (another
+        torch version's codegen): callers then keep their own estimate.
+    """
+    import re
+
+    lines = source_code.splitlines()
+    start = next(
+        (i for i, line in enumerate(lines) if re.match(r"\s*def call\((self, )?args\):", line)), None
+    )
+    if start is None:
+        return None
+    indent = len(lines[start]) - len(lines[start].lstrip()) + 4
+    alloc = re.compile(r"(\w+) = empty_strided(?:_\w+)?\(\(([^)]*)\), \(([^)]*)\), torch\.(\w+)\)")
+    reuse = re.compile(r"(\w+) = (?:reinterpret_tensor\()?(\w+)\b.*; del \2\s+# reuse")
+    live: dict[str, int] = {}
+    peak = 0
+    total = 0
+    for line in lines[start + 1 :]:
+        if line.strip() and len(line) - len(line.lstrip()) < indent:
+            break
+        s = line.strip()
+        if s.endswith("= args") and "," in s:
+            for name in (n.strip() for n in s[: -len("= args")].split(",")):
+                if name:
+                    live[name] = arg_bytes.get(name, 0)
+            total = sum(live.values())
+            peak = max(peak, total)
+            continue
+        m = alloc.match(s)
+        if m:
+            sizes = [int(x) for x in m.group(2).replace(" ", "").split(",") if x]
+            strides = [int(x) for x in m.group(3).replace(" ", "").split(",") if x]
+            dtype = getattr(torch, m.group(4), None)
+            if dtype is None or len(sizes) != len(strides):
+                return None
+            numel = 0 if 0 in sizes else 1 + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True))
+            live[m.group(1)] = numel * torch.empty((), dtype=dtype).element_size()
+            total += live[m.group(1)]
+            peak = max(peak, total)
+            continue
+        m = reuse.match(s)
+        if m:
+            live[m.group(1)] = live.pop(m.group(2), 0)
+            continue
+        if s.startswith("del "):
+            for name in (n.strip() for n in s[4:].split("#")[0].split(",")):
+                total -= live.pop(name, 0)
+    return peak

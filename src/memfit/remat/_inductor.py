@@ -85,6 +85,9 @@ class CompiledPlan:
         recomputed_ops: forward ops memfit marked for recomputation.
         feasible: ``False`` when the budget is below ``min_peak_bytes``; the min-peak choice is used then.
         solve_seconds: time spent deciding (inductor's compile time is not included).
+        compiled_peak_bytes: the peak of inductor's own buffer plan for these graphs, read from the code it
+            generated (fusion and buffer reuse as they really are); ``None`` until both graphs are compiled (the
+            backward may compile at the first ``backward()``), and with ``compiler="aot_eager"``.
     """
 
     budget_bytes: int | None
@@ -96,6 +99,7 @@ class CompiledPlan:
     recomputed_ops: int
     feasible: bool
     solve_seconds: float
+    compiled_peak_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +112,11 @@ class CompiledPlan:
             f"(torch's partitioner {self.full_peak_bytes / mib:.1f} MiB, lowest reachable "
             f"{self.min_peak_bytes / mib:.1f} MiB), saves {self.saved_bytes / mib:.1f} MiB, recomputes "
             f"{self.recomputed_ops} ops (+{self.recompute_cost_s * 1e3:.1f} ms predicted)"
+            + (
+                ""
+                if self.compiled_peak_bytes is None
+                else f"; inductor's buffer plan peaks at {self.compiled_peak_bytes / mib:.1f} MiB"
+            )
             + ("" if self.feasible else "; budget infeasible on the compiled path: min-peak plan used")
         )
 
@@ -531,12 +540,19 @@ def _graph_peak(
     bw_peak, _ = _run_peak(
         bw_nodes, bw_kind, _owners(bw_nodes, bw_kind), keep=grads, carry=carry, fused=fused
     )
-    # what the forward returns to the caller (the loss) is held through the backward
-    outputs = {
-        fw_owner[a] for a in pytree.tree_leaves(fw_out.args[0])[:num_fwd_outputs] if isinstance(a, fx.Node)
-    }
-    held = sum(_nbytes(o.meta.get("val")) for o in outputs if o.op != "placeholder" and o not in seen)
-    return max(fw_peak, bw_peak + held), sum(carried.values())
+    return max(fw_peak, bw_peak + _held_bytes(fw_gm, num_fwd_outputs)), sum(carried.values())
+
+
+def _held_bytes(fw_gm: fx.GraphModule, num_fwd_outputs: int) -> int:
+    """Bytes the forward returns to the caller (the loss, any logits), held through the backward; storage the
+    forward also saves is counted with the saved values."""
+    nodes = [n for n in fw_gm.graph.nodes if n.op != "output"]
+    owner = _owners(nodes, {n: _kind(n) for n in nodes})
+    out = next(n for n in fw_gm.graph.nodes if n.op == "output")
+    args = [a for a in pytree.tree_leaves(out.args[0]) if isinstance(a, fx.Node)]
+    saved = {owner[a] for a in args[num_fwd_outputs:]}
+    returned = {owner[a] for a in args[:num_fwd_outputs]}
+    return sum(_nbytes(o.meta.get("val")) for o in returned - saved if o.op != "placeholder")
 
 
 def _run_peak(
@@ -623,6 +639,10 @@ class MemfitBackend:
         self.budget = budget
         self.verbose = verbose
         self.plans: list[CompiledPlan] = []
+        self._fw_peak: dict[int, int] = {}
+        self._held: dict[
+            int, int
+        ] = {}  # bytes the forward returns to the caller (the loss), held in the backward
 
     def __repr__(self) -> str:
         return f"memfit.remat.backend(budget={self.budget!r}, compiler={self.compiler!r})"
@@ -638,7 +658,34 @@ class MemfitBackend:
         # inductor's FX graph cache keys on the config, which now holds a partitioner whose choice depends on the
         # budget and measured rates: compile afresh
         with inductor_config.patch(custom_partitioner_fn=_make_partitioner(self), fx_graph_cache=False):
-            return compile_fx(gm, example_inputs)
+            return compile_fx(gm, example_inputs, inner_compile=self._inner_compile)
+
+    def _inner_compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
+        """Inductor's own ``compile_fx_inner``, then its buffer plan read from the generated code."""
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        out = compile_fx_inner(gm, example_inputs, **kwargs)
+        source = getattr(out, "source_code", None)
+        if not self.plans or not isinstance(source, str):
+            return out
+        arg_bytes = {
+            n.name: 0
+            if n.name.startswith("primals")
+            else _nbytes(n.meta.get("val"))  # parameters exist anyway
+            for n in gm.graph.nodes
+            if n.op == "placeholder"
+        }
+        peak = _compat.inductor_wrapper_peak(source, arg_bytes)
+        i = len(self.plans) - 1
+        if peak is None:
+            return out
+        if not kwargs.get("is_backward", False):
+            self._fw_peak[i] = peak
+        elif i in self._fw_peak:
+            plan = self.plans[i]
+            whole = max(self._fw_peak.pop(i), peak + self._held.get(i, 0))
+            self.plans[i] = CompiledPlan(**{**plan.to_dict(), "compiled_peak_bytes": whole})
+        return out
 
     # ------------------------------------------------------------------------------------------------
     def _partition(
@@ -652,7 +699,7 @@ class MemfitBackend:
         full_peak, full_saved = _graph_peak(ref_fw, ref_bw, num_fwd_outputs, self._fused)
         if self.budget is None:
             plan = CompiledPlan(None, full_peak, full_peak, full_peak, full_saved, 0.0, 0, True, 0.0)
-            return self._done(plan, ref_fw, ref_bw, t0)
+            return self._done(plan, ref_fw, ref_bw, t0, num_fwd_outputs)
         model = _Model(gm, num_fwd_outputs, _device_of(gm), self._fused)
 
         budget = int(self.budget * full_peak) if isinstance(self.budget, float) else int(self.budget)
@@ -698,12 +745,18 @@ class MemfitBackend:
             feasible=feasible,
             solve_seconds=0.0,
         )
-        return self._done(plan, fw_gm, bw_gm, t0)
+        return self._done(plan, fw_gm, bw_gm, t0, num_fwd_outputs)
 
     def _done(
-        self, plan: CompiledPlan, fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, t0: float
+        self,
+        plan: CompiledPlan,
+        fw_gm: fx.GraphModule,
+        bw_gm: fx.GraphModule,
+        t0: float,
+        num_fwd_outputs: int,
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         plan = CompiledPlan(**{**plan.to_dict(), "solve_seconds": time.perf_counter() - t0})
+        self._held[len(self.plans)] = _held_bytes(fw_gm, num_fwd_outputs)
         self.plans.append(plan)
         if self.verbose:
             print(plan.report())
