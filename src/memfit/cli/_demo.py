@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if "steps" in overrides:
         overrides["eval_every"] = max(1, overrides["steps"] // 5)
-        overrides["warmup_steps"] = min(30, overrides["steps"] // 10)
+        overrides["warmup_steps"] = max(1, min(100, overrides["steps"] // 3))
     cfg = DemoConfig(**overrides)
     console = Console()
     wide = Console(width=max(console.width, 150))  # the table has 12 columns
