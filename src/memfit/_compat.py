@@ -26,6 +26,7 @@ __all__ = [
     "TorchDispatchMode",
     "aot_eager_backend",
     "aot_export_joint",
+    "eager_backward_compile",
     "fake_tensor_mode",
     "inductor_partitioning",
     "inductor_wrapper_peak",
@@ -243,3 +244,16 @@ def inductor_wrapper_peak(source_code: str, arg_bytes: dict[str, int]) -> int | 
             for name in (n.strip() for n in s[4:].split("#")[0].split(",")):
                 total -= live.pop(name, 0)
     return peak
+
+
+def eager_backward_compile() -> Any:
+    """A context under which AOTAutograd compiles the backward graph together with the forward, not lazily at the
+    first ``backward()``: ``torch._functorch.config.patch(force_non_lazy_backward_lowering=True)``. A no-op
+    context where this torch has no such option."""
+    import contextlib
+
+    from torch._functorch import config as functorch_config
+
+    if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(force_non_lazy_backward_lowering=True)

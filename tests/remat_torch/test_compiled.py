@@ -209,6 +209,11 @@ def test_inductor_measured_peak_matches_prediction(name):
         assert plan["compiled_peak_bytes"] is not None, row
         assert row["measured"] == pytest.approx(plan["compiled_peak_bytes"], rel=0.05), row
         assert row["measured"] == pytest.approx(plan["predicted_peak_bytes"], rel=0.20), row
+        if (
+            plan["budget_bytes"] is not None and plan["feasible"]
+        ):  # judged on inductor's plan (refined if need be)
+            assert plan["compiled_peak_bytes"] <= plan["budget_bytes"]
+            assert row["measured"] <= 1.05 * plan["budget_bytes"], row
     measured = [row["measured"] for row in rows]
     # monotone in the budget, up to 2% of RSS noise
     assert all(b - a < 0.02 * measured[0] for a, b in itertools.pairwise(measured)), measured

@@ -32,6 +32,7 @@ are always saved, never recomputed.
 
 from __future__ import annotations
 
+import copy
 import logging
 import operator
 import time
@@ -87,7 +88,10 @@ class CompiledPlan:
         solve_seconds: time spent deciding (inductor's compile time is not included).
         compiled_peak_bytes: the peak of inductor's own buffer plan for these graphs, read from the code it
             generated (fusion and buffer reuse as they really are); ``None`` until both graphs are compiled (the
-            backward may compile at the first ``backward()``), and with ``compiler="aot_eager"``.
+            backward may compile at the first ``backward()``), and with ``compiler="aot_eager"``. When it is known,
+            ``feasible`` says whether it fits the budget.
+        refined: the first compile's buffer plan overshot the budget, and this plan comes from a second compile
+            whose model aim was lowered by the ratio of inductor's peak to memfit's prediction.
     """
 
     budget_bytes: int | None
@@ -100,6 +104,7 @@ class CompiledPlan:
     feasible: bool
     solve_seconds: float
     compiled_peak_bytes: int | None = None
+    refined: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -620,8 +625,15 @@ class MemfitBackend:
     """A ``torch.compile`` backend: inductor, with memfit choosing what the forward saves. See :func:`backend`."""
 
     def __init__(
-        self, budget: int | float | None, *, compiler: str = "inductor", verbose: bool = False
+        self,
+        budget: int | float | None,
+        *,
+        compiler: str = "inductor",
+        refine: bool = True,
+        verbose: bool = False,
     ) -> None:
+        self.refine = refine and budget is not None and compiler == "inductor"
+        self._scale = 1.0
         if compiler not in ("inductor", "aot_eager"):
             raise ValueError(f"compiler must be 'inductor' or 'aot_eager', got {compiler!r}")
         self.compiler = compiler
@@ -656,9 +668,37 @@ class MemfitBackend:
 
             return _compat.aot_eager_backend(partition)(gm, example_inputs)
         # inductor's FX graph cache keys on the config, which now holds a partitioner whose choice depends on the
-        # budget and measured rates: compile afresh
-        with inductor_config.patch(custom_partitioner_fn=_make_partitioner(self), fx_graph_cache=False):
-            return compile_fx(gm, example_inputs, inner_compile=self._inner_compile)
+        # budget and measured rates: compile afresh. The backward is compiled now, not at the first backward(), so
+        # that inductor's buffer plan of the whole step is known here.
+        patch = inductor_config.patch(custom_partitioner_fn=_make_partitioner(self), fx_graph_cache=False)
+        self._scale = 1.0
+        with patch, _compat.eager_backward_compile():
+            first = compile_fx(
+                copy.deepcopy(gm) if self.refine else gm, example_inputs, inner_compile=self._inner_compile
+            )
+            plan = self.plans[-1] if self.plans else None
+            if not (
+                self.refine
+                and plan is not None
+                and plan.budget_bytes is not None
+                and plan.compiled_peak_bytes is not None
+                and plan.compiled_peak_bytes > plan.budget_bytes
+            ):
+                return first
+            # inductor's plan overshoots the budget that memfit's model met: aim the model lower by the ratio of the
+            # two and compile once more; keep whichever of the two peaks lower
+            self._scale = plan.predicted_peak_bytes / plan.compiled_peak_bytes
+            self.plans.pop()
+            second = compile_fx(gm, example_inputs, inner_compile=self._inner_compile)
+            again = self.plans[-1]
+            if (
+                again.compiled_peak_bytes is not None
+                and again.compiled_peak_bytes <= plan.compiled_peak_bytes
+            ):
+                self.plans[-1] = CompiledPlan(**{**again.to_dict(), "refined": True})
+                return second
+            self.plans[-1] = plan
+            return first
 
     def _inner_compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
         """Inductor's own ``compile_fx_inner``, then its buffer plan read from the generated code."""
@@ -684,7 +724,10 @@ class MemfitBackend:
         elif i in self._fw_peak:
             plan = self.plans[i]
             whole = max(self._fw_peak.pop(i), peak + self._held.get(i, 0))
-            self.plans[i] = CompiledPlan(**{**plan.to_dict(), "compiled_peak_bytes": whole})
+            feasible = plan.feasible if plan.budget_bytes is None else whole <= plan.budget_bytes
+            self.plans[i] = CompiledPlan(
+                **{**plan.to_dict(), "compiled_peak_bytes": whole, "feasible": feasible}
+            )
         return out
 
     # ------------------------------------------------------------------------------------------------
@@ -703,6 +746,7 @@ class MemfitBackend:
         model = _Model(gm, num_fwd_outputs, _device_of(gm), self._fused)
 
         budget = int(self.budget * full_peak) if isinstance(self.budget, float) else int(self.budget)
+        target = int(budget * self._scale)  # the model's aim: lower than the budget on a refining compile
         start = _default_recompute(model)
         moves = model.greedy(start)
         prefixes = [set(start)]
@@ -712,7 +756,7 @@ class MemfitBackend:
         peaks = [model.simulate(r)[0] for r in prefixes]
         lowest = min(range(len(peaks)), key=peaks.__getitem__)
         # the shortest prefix whose predicted peak fits: "first fit" makes the choice monotone in the budget
-        fits = [i for i, peak in enumerate(peaks) if peak <= budget]
+        fits = [i for i, peak in enumerate(peaks) if peak <= target]
         # the partitioned graphs are the truth; where they exceed the budget after all, take the next prefix, and
         # at last the lowest
         tries = [*fits[:3], lowest] if lowest not in fits[:3] else fits[:3]
@@ -724,7 +768,7 @@ class MemfitBackend:
             log.debug(
                 "prefix %d: model peak %d, partitioned graphs %d (attempt %d)", i, peaks[i], peak, attempt
             )
-            if peak <= budget:
+            if peak <= target:
                 break
         feasible = peak <= budget
         if not feasible:
@@ -783,7 +827,11 @@ def _device_of(gm: fx.GraphModule) -> torch.device:
 
 
 def backend(
-    budget: int | float | None = None, *, compiler: str = "inductor", verbose: bool = False
+    budget: int | float | None = None,
+    *,
+    compiler: str = "inductor",
+    refine: bool = True,
+    verbose: bool = False,
 ) -> MemfitBackend:
     """A ``torch.compile`` backend: inductor, with memfit's solver choosing what the forward saves.
 
@@ -799,9 +847,11 @@ def backend(
             ``(0, 1]`` of the peak memfit predicts for torch's own partitioner; ``None`` keeps torch's choice.
         compiler: ``"inductor"`` (fused kernels: the point of this path) or ``"aot_eager"`` (the same partitioned
             graphs run op by op: compiles in seconds, for debugging and tests; its memory is not the fused one).
+        refine: when inductor's own buffer plan (read from the code it generated) overshoots the budget, compile
+            once more with memfit's model aimed lower by the ratio of the two (up to twice the compile time).
         verbose: print each graph's plan when it is compiled.
 
     Returns:
         The backend; its ``plans`` list gains one :class:`CompiledPlan` per compiled graph.
     """
-    return MemfitBackend(budget, compiler=compiler, verbose=verbose)
+    return MemfitBackend(budget, compiler=compiler, refine=refine, verbose=verbose)
