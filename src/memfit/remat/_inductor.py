@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import operator
 import time
 import warnings
@@ -784,7 +785,7 @@ class MemfitBackend:
             full_peak_bytes=full_peak,
             min_peak_bytes=min(peaks[lowest], peak),
             saved_bytes=saved_bytes,
-            recompute_cost_s=sum(model.cost[n] for n in chosen if n not in start),
+            recompute_cost_s=math.fsum(model.cost[n] for n in chosen if n not in start),  # order-free
             recomputed_ops=sum(1 for n in chosen if n not in start and model.kind[n] != "getitem"),
             feasible=feasible,
             solve_seconds=0.0,
