@@ -60,9 +60,17 @@ def main() -> None:
         help="gap study: take the MILP results from the stored remat_solvers_gap.json, re-run budget only",
     )
     ap.add_argument("--exact-nodes", type=int, default=None, help="budget's exact_nodes option (gap study)")
+    ap.add_argument(
+        "--stage-nodes",
+        type=int,
+        default=None,
+        help="budget's stage_nodes option (gap study; 0: no annealing)",
+    )
     args = ap.parse_args()
     if args.gap:
-        gap_study(args.milp_time, reuse=args.reuse_milp, exact_nodes=args.exact_nodes)
+        gap_study(
+            args.milp_time, reuse=args.reuse_milp, exact_nodes=args.exact_nodes, stage_nodes=args.stage_nodes
+        )
         return
     sizes = [100, 1000] if args.quick else list(SIZES)
     rows = []
@@ -141,7 +149,9 @@ def main() -> None:
     console.print(f"wrote {path}")
 
 
-def gap_study(milp_time: float, *, reuse: bool = False, exact_nodes: int | None = None) -> None:
+def gap_study(
+    milp_time: float, *, reuse: bool = False, exact_nodes: int | None = None, stage_nodes: int | None = None
+) -> None:
     """budget's cost / MILP's optimum on random training steps of <= 40 nodes, at budgets spread
     between the MILP's smallest feasible peak (0.0) and the no-remat peak (1.0).
 
@@ -154,7 +164,7 @@ def gap_study(milp_time: float, *, reuse: bool = False, exact_nodes: int | None 
 
     console = Console()
     recs = []
-    opts = {} if exact_nodes is None else {"exact_nodes": exact_nodes}
+    opts = {k: v for k, v in (("exact_nodes", exact_nodes), ("stage_nodes", stage_nodes)) if v is not None}
     path = Path(__file__).parent / "results" / "remat_solvers_gap.json"
     if reuse:
         stored = json.loads(path.read_text())

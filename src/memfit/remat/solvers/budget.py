@@ -9,14 +9,24 @@ Algorithm (a portfolio, every candidate measured by the same simulator):
    computes, keep values resident instead of recomputing them where memory allows).
 3. Local search on the best eviction run: forbid evicting a value that was recomputed, re-run,
    keep the change when the cost falls; stops after ``search_rounds`` or ``time_limit``.
-4. On graphs of at most ``exact_nodes`` nodes, the Checkmate MILP (:mod:`.milp`) for at most
+4. On graphs of at most ``stage_nodes`` nodes, simulated annealing over the keep-sets of
+   Checkmate's stage structure (:func:`._improve.stage_search`, ``stage_evals`` moves) from the
+   no-remat schedule -- and, should that find nothing within the budget, from the first schedule
+   HiGHS finds for the MILP (:func:`.milp.first_keep_sets`). The eviction runs miss tight budgets
+   on such graphs -- nothing at the smallest feasible peak, or 20-40% over the MILP's cost --
+   because one greedy victim choice at a time cannot set up what the optimum does (keep a value's
+   inputs instead of the value, recompute a chain once for several outputs at the end); the
+   MILP's own incumbents after a second or two are worse still (HiGHS spends that time on cuts at
+   the root node).
+5. On graphs of at most ``exact_nodes`` nodes, the Checkmate MILP (:mod:`.milp`) for at most
    ``exact_time`` seconds is one more candidate (a time-boxed exact search).
-5. Return the cheapest candidate that fits. If none fits, bisect the budget to find the smallest
-   peak the eviction run reaches and raise :class:`InfeasibleBudget` with it.
+6. Return the cheapest candidate that fits. If none fits, find the smallest peak the eviction
+   run (bisecting the budget) or, on small graphs, the annealing reaches and raise
+   :class:`InfeasibleBudget` with it.
 
 Guarantee: the returned schedule is valid and its simulated peak is at most the budget; it is never
-over budget. Cost: median gap to the MILP 1.00 on graphs of <= 40 nodes, worst 1.31, 94% within
-10% (docs/remat.md has the measured table).
+over budget. Cost: on random training steps of <= 40 nodes, every case within 10% of the MILP
+(``benchmarks/results/remat_solvers_gap.json``; docs/remat.md has the measured table).
 """
 
 from __future__ import annotations
@@ -29,11 +39,12 @@ from memfit.remat._graph import Graph
 from memfit.remat._schedule import Schedule
 from memfit.remat.solvers._common import lower_bound, noremat_order, to_schedule
 from memfit.remat.solvers._evict import evict_run
-from memfit.remat.solvers._improve import improve, seq_cost, seq_peak
+from memfit.remat.solvers._improve import improve, seq_cost, seq_peak, stage_min_peak, stage_search
 
 __all__ = ["min_peak_budget", "solve_budget"]
 
 _ALPHAS = (1.0, 2.0, 0.5)
+_SEED_TIME = 2.0  # seconds for HiGHS to find a first schedule to restart the stage search from
 
 
 def _fits(g: Graph, seq: Sequence[int] | None, budget: int) -> bool:
@@ -69,6 +80,8 @@ def solve_budget(
     restarts: int | None = None,
     exact_nodes: int = 40,
     exact_time: float = 1.0,
+    stage_nodes: int = 40,
+    stage_evals: int = 12000,
 ) -> Schedule:
     """Least-cost schedule within ``budget`` bytes (heuristic; see the module docstring).
 
@@ -82,6 +95,11 @@ def solve_budget(
         exact_nodes: on graphs of at most this many nodes, also run the MILP (Checkmate) for at
             most ``exact_time`` seconds and offer its best schedule; 0 turns it off.
         exact_time: the MILP's time box in seconds.
+        stage_nodes: on graphs of at most this many nodes, also anneal over Checkmate's keep-sets
+            (a second or two at 40 nodes); 0 turns it off.
+        stage_evals: the annealing's cost-lowering moves (``evals`` of
+            :func:`._improve.stage_search`); its own window of ``time_limit`` seconds is a safety
+            net: the moves, not the clock, decide its result.
 
     Returns:
         The cheapest schedule found; ``info["candidate"]`` names where it came from.
@@ -141,6 +159,9 @@ def solve_budget(
     rounds = search_rounds if search_rounds is not None else (2 if len(g) <= 100 else 0)
     if best is not None and rounds > 0:
         _local_search(g, budget, rounds, deadline, offer, lambda: best)
+    if stage_nodes and len(g) <= stage_nodes:
+        # its own time window, so that a slow start does not cut it short
+        offer("stage search", _stage_sequence(g, budget, stage_evals, time.perf_counter() + time_limit))
     # tiny graphs: a time-boxed exact search (the Checkmate MILP) as one more candidate, skipped
     # when the best schedule already computes every node once (nothing to gain)
     if exact_nodes and len(g) <= exact_nodes and budget >= lower_bound(g) and time.perf_counter() < deadline:
@@ -148,7 +169,7 @@ def solve_budget(
         if best is None or best[0] > floor + 1e-9:
             offer("exact(milp)", _exact_sequence(g, budget, min(exact_time, deadline - time.perf_counter())))
     if best is None:
-        mp, found = _min_peak_search(g, deadline=time.perf_counter() + time_limit)
+        mp, found = _min_peak_search(g, deadline=time.perf_counter() + time_limit, stage_nodes=stage_nodes)
         if mp > budget:
             raise InfeasibleBudget(budget=budget, min_peak=mp, method="budget")
         # the min-peak search reached the budget where the candidates above ran out of time (a loaded
@@ -160,6 +181,23 @@ def solve_budget(
     s = to_schedule(g, seq, method="budget", budget=budget)
     s.info.update(candidate=name, solve_time_s=time.perf_counter() - t0)
     return s
+
+
+def _stage_sequence(g: Graph, budget: int, evals: int, deadline: float) -> list[int] | None:
+    """Annealing over Checkmate's keep-sets (:func:`._improve.stage_search`) from the no-remat
+    schedule; if it gets nowhere under the budget, once more from the first schedule within the
+    budget that HiGHS finds for the MILP (:func:`.milp.first_keep_sets`)."""
+    from memfit.remat.solvers.milp import first_keep_sets
+
+    if budget < lower_bound(g):
+        return None  # nothing fits
+    seq = stage_search(g, budget, evals=evals, deadline=deadline)
+    seed_time = min(_SEED_TIME, deadline - time.perf_counter())
+    if seq is None and seed_time > 0.05:
+        first = first_keep_sets(g, budget, time_limit=seed_time)
+        if first is not None:
+            seq = stage_search(g, budget, evals=evals, starts=[first], deadline=deadline)
+    return seq
 
 
 def _exact_sequence(g: Graph, budget: int, time_limit: float) -> list[int] | None:
@@ -210,19 +248,29 @@ def _local_search(
             return
 
 
-def min_peak_budget(g: Graph, *, iters: int = 40, deadline: float = float("inf")) -> int:
-    """The smallest budget at which the eviction run (or a structured candidate) finds a schedule."""
-    return _min_peak_search(g, iters=iters, deadline=deadline)[0]
+def min_peak_budget(
+    g: Graph, *, iters: int = 40, deadline: float = float("inf"), stage_nodes: int = 40
+) -> int:
+    """The smallest budget at which the eviction run (or a structured candidate, or on graphs of
+    at most ``stage_nodes`` nodes the annealing over keep-sets) finds a schedule."""
+    return _min_peak_search(g, iters=iters, deadline=deadline, stage_nodes=stage_nodes)[0]
 
 
-def _min_peak_search(g: Graph, *, iters: int = 40, deadline: float = float("inf")) -> tuple[int, list[int]]:
-    """:func:`min_peak_budget` and a compute sequence that reaches it."""
+def _min_peak_search(
+    g: Graph, *, iters: int = 40, deadline: float = float("inf"), stage_nodes: int = 40
+) -> tuple[int, list[int]]:
+    """:func:`min_peak_budget` and a compute sequence that reaches it (deterministic, the deadline
+    aside, so that solving again at the peak it reports finds that schedule again)."""
     best_seq = noremat_order(g)
     hi = seq_peak(g, best_seq)
     lo = lower_bound(g) - 1  # infeasible for sure below the lower bound
     for _name, seq in _structured_candidates(g, hi, deadline):
         if seq_peak(g, seq) < hi:
             hi, best_seq = seq_peak(g, seq), seq
+    if stage_nodes and len(g) <= stage_nodes:
+        peak, seq = stage_min_peak(g, deadline=deadline)
+        if peak < hi:
+            hi, best_seq = peak, seq
     for _ in range(iters):
         if hi - lo <= max(1, hi // 1000) or time.perf_counter() > deadline:
             break

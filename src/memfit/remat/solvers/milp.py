@@ -29,10 +29,11 @@ References:
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.optimize import Bounds, LinearConstraint, OptimizeWarning, milp
 from scipy.sparse import coo_matrix
 
 from memfit.remat._errors import InfeasibleBudget
@@ -178,6 +179,42 @@ def _run(
         options={"time_limit": time_limit, "disp": False, "mip_rel_gap": gap},
     )
     return bld, res
+
+
+def first_keep_sets(g: Graph, budget: int, *, time_limit: float = 5.0) -> list[int] | None:
+    """The keep-sets of the first schedule within ``budget`` that HiGHS finds, or ``None``.
+
+    HiGHS stops at its first feasible solution (its option ``mip_max_improving_sols=1``, which
+    ``scipy.optimize.milp`` passes on verbatim), usually found by its primal heuristics at the root
+    within a fraction of a second even where proving optimality takes minutes; a HiGHS without the
+    option runs to ``time_limit`` and its best schedule is taken. ``keep[t]`` is the ``S`` row of
+    stage ``t`` as a bitmask over positions in ``g.needed()`` -- a start for
+    :func:`memfit.remat.solvers._improve.stage_search`. ``None`` when nothing was found within
+    ``time_limit`` seconds (the formulation may be infeasible: HiGHS rarely proves that quickly).
+    """
+    bld = _Builder(g)
+    obj, cons, bounds, integ = bld.build(float(budget), False)
+    with warnings.catch_warnings():
+        # scipy: "Unrecognized options ... passed to HiGHS verbatim" (and HiGHS's own complaint
+        # if it does not know the option)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", OptimizeWarning)
+        res = milp(
+            obj,
+            constraints=cons,
+            bounds=bounds,
+            integrality=integ,
+            options={"time_limit": time_limit, "disp": False, "mip_max_improving_sols": 1},
+        )
+    if res.x is None:
+        return None
+    x = np.asarray(res.x)
+    keep = [0] * (bld.T + 1)
+    for t in range(1, bld.T):
+        for i in range(t):
+            if x[bld.S(t, i)] > 0.5:
+                keep[t] |= 1 << i
+    return keep
 
 
 def min_peak_milp(g: Graph, *, time_limit: float = 60.0) -> int:
