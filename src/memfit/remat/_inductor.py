@@ -244,15 +244,16 @@ class _Model:
                 continue
             fw.add(n)
             stack.extend(a for a in n.all_input_nodes if a not in needs_tangent)
-        for n in list(
-            fw
-        ):  # every piece of a forward multi-output op is a forward value (logsumexp, mean, rstd)
+        # every piece of a forward multi-output op is a forward value (an attention's logsumexp, a norm's rstd)
+        for n in list(fw):
             fw.update(u for u in n.users if u.target is operator.getitem and u not in needs_tangent)
         self.fw = [n for n in self.nodes if n in fw]
+        self._fw_set = fw
         self.bw = [n for n in self.nodes if n.op == "call_function" and n not in fw]
         # backward ops that read no tangent (e.g. an activation's derivative): torch's partitioner may move them
         # into the forward and save their result; memfit keeps them in the backward, where it models them
         self.unclaimed = [n for n in self.bw if n not in needs_tangent]
+        self._unclaimed_set = set(self.unclaimed)
         self.kind = {n: _kind(n) for n in self.nodes}
         # a view's memory is its base's: map every value to the value that owns its storage
         self.owner = _owners(self.nodes, self.kind)
@@ -353,12 +354,6 @@ class _Model:
             return None
         return (a, a in recompute and (again or reader not in self._fw_set))
 
-    @property
-    def _fw_set(self) -> set[fx.Node]:
-        if not hasattr(self, "_fw_cache"):
-            self._fw_cache = set(self.fw)
-        return self._fw_cache
-
     def saved_set(self, recompute: set[fx.Node]) -> set[fx.Node]:
         """Forward values (storage owners) the backward reads, directly or through recomputed values."""
         saved: set[fx.Node] = set()
@@ -398,12 +393,6 @@ class _Model:
                 seq.append((a, a in recompute))
             seq.append((n, False))
         return seq
-
-    @property
-    def _unclaimed_set(self) -> set[fx.Node]:
-        if not hasattr(self, "_unclaimed_cache"):
-            self._unclaimed_cache = set(self.unclaimed)
-        return self._unclaimed_cache
 
     # -------------------------------------------------------------------------------------------- greedy
     def candidates(self) -> list[fx.Node]:
