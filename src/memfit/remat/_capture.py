@@ -223,18 +223,28 @@ def _calibrate(device: torch.device) -> _Rates:
     return rates
 
 
+def _flops(node: fx.Node) -> int:
+    """FLOPs of one op by torch's flop counter formulas (0 where it has none); a symbolic count (dynamic shapes)
+    by the example value it was traced with."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet is None or packet not in flop_registry:
+        return 0
+    args, kwargs = pytree.tree_map_only(fx.Node, lambda a: a.meta.get("val"), (node.args, node.kwargs))
+    try:
+        flops = flop_registry[packet](*args, out_val=node.meta.get("val"), **kwargs)
+    except Exception:  # a formula that does not accept this overload's arguments: bytes moved only
+        return 0
+    if isinstance(flops, torch.SymInt):
+        hint = getattr(flops.node, "hint", None)
+        return int(hint) if hint is not None else 0
+    return int(flops)
+
+
 def _estimate_cost(node: fx.Node, out_bytes: int, is_view: bool, rates: _Rates) -> float:
     """Seconds for one op: FLOPs at the matmul rate + bytes read and written at the bandwidth + dispatch."""
     if is_view:
         return rates.op_overhead_s * 0.5
-    flops = 0
-    packet = getattr(node.target, "overloadpacket", None)
-    if packet is not None and packet in flop_registry:
-        args, kwargs = pytree.tree_map_only(fx.Node, lambda a: a.meta.get("val"), (node.args, node.kwargs))
-        try:
-            flops = int(flop_registry[packet](*args, out_val=node.meta.get("val"), **kwargs))
-        except Exception:  # a formula that does not accept this overload's arguments: bytes moved only
-            flops = 0
+    flops = _flops(node)
     read = 0
     for a in _tensor_args(node):
         val = a.meta.get("val")

@@ -46,10 +46,9 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import CheckpointPolicy
-from torch.utils.flop_counter import flop_registry
 
 from memfit import _compat
-from memfit.remat._capture import _alias_arg, _calibrate
+from memfit.remat._capture import _alias_arg, _calibrate, _flops
 
 __all__ = ["CompiledPlan", "MemfitBackend", "backend"]
 
@@ -206,17 +205,6 @@ def _is_random(node: fx.Node) -> bool:
 def _is_impure(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     return bool(schema is not None and schema.is_mutable)
-
-
-def _flops(node: fx.Node) -> int:
-    packet = getattr(node.target, "overloadpacket", None)
-    if packet is None or packet not in flop_registry:
-        return 0
-    args, kwargs = pytree.tree_map_only(fx.Node, lambda a: a.meta.get("val"), (node.args, node.kwargs))
-    try:
-        return _hint(flop_registry[packet](*args, out_val=node.meta.get("val"), **kwargs))
-    except Exception:  # a formula that does not take this overload's arguments: count bytes only
-        return 0
 
 
 class _Model:
