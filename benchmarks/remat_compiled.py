@@ -15,7 +15,10 @@ resetting it through ``/proc/self/clear_refs``) in a process whose glibc returns
 the default allocator (forcing mmap distorts time), configurations interleaved step by step, over ``--procs``
 processes x ``--steps`` steps. Compile s = the first call (compile + one step) minus the median step, taken in the
 first timing process, which compiles from an empty inductor cache; the later processes reuse that cache. Every
-process imports memfit from a copy of ``src/memfit`` taken when the run starts (one version for the whole run).
+process imports memfit from a copy of ``src/memfit`` taken when the run starts (one version for the whole run), and
+prices recomputation with one set of device speeds measured by the parent (``memfit.remat.calibrate``), so that
+every process compiles the same plan (a note says if one did not); the prediction checked against the measured peak
+is the plan of the memory process itself.
 
     python benchmarks/remat_compiled.py            # the issue's measurement (20-40 min on 2 cores)
     python benchmarks/remat_compiled.py --quick    # GPT-2 2x128, batch 4x64, a smoke run
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import gc
 import itertools
@@ -41,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,10 +52,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from remat_sweep import _rss_kib, build, set_block_checkpointing
+from remat_sweep import _rss_kib, build, fresh_function, set_block_checkpointing
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BUDGETS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+BUDGETS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2)
 COMPILE_BUDGETS = (1.0, 0.5, 0.2)  # torch's activation_memory_budget; 1.0 is torch.compile's default
 QUICK_BUDGETS = (1.0, 0.7)
 QUICK_COMPILE_BUDGETS = (1.0, 0.5)
@@ -70,6 +73,11 @@ def memfit_name(budget: float) -> str:
     return f"memfit-compiled-{budget}"
 
 
+def matched_name(cfg: str) -> str:
+    """memfit with a byte budget equal to the measured peak of the torch.compile configuration ``cfg``."""
+    return f"memfit-compiled-at-{cfg}"
+
+
 def label(cfg: str) -> str:
     """The configuration as the issue's table names it."""
     if cfg == "eager":
@@ -80,18 +88,9 @@ def label(cfg: str) -> str:
         return "torch.compile (inductor)"
     if cfg.startswith("compile-amb-"):
         return f"torch.compile + activation_memory_budget={cfg.removeprefix('compile-amb-')}"
+    if cfg.startswith("memfit-compiled-at-"):
+        return f"memfit-compiled at the peak of {label(cfg.removeprefix('memfit-compiled-at-'))}"
     return cfg.replace("memfit-compiled-", "memfit-compiled ")
-
-
-def _fresh_function(fn: Callable[[Any], Any], tag: str) -> Callable[[Any], Any]:
-    """``fn`` with a code object of its own.
-
-    Dynamo caches compiled graphs on the code object of the frame: two ``torch.compile`` of functions sharing
-    one code object (a lambda made in a loop) share that cache, so the second would silently run the first's
-    graph, whatever its backend settings or ``activation_memory_budget``.
-    """
-    code = fn.__code__.replace(co_name=f"step_{tag}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def _status(msg: str) -> None:
@@ -99,7 +98,11 @@ def _status(msg: str) -> None:
 
 
 def make_configs(
-    quick: bool, budgets: list[float], compile_budgets: list[float]
+    quick: bool,
+    budgets: list[float],
+    compile_budgets: list[float],
+    rates: dict[str, float],
+    matched: dict[str, int],
 ) -> tuple[list[torch.nn.Parameter], dict[str, Callable[[], Any]], dict[str, dict[str, Any]]]:
     """Build the model and compile every configuration (its first call, timed).
 
@@ -166,7 +169,7 @@ def make_configs(
     for budget in compile_budgets:
         name = compile_name(budget)
         _status(f"compiling {name}")
-        compiled = torch.compile(_fresh_function(step, name.replace("-", "_").replace(".", "_")))
+        compiled = torch.compile(fresh_function(step, name.replace("-", "_").replace(".", "_")))
         info[name] = {"kind": "torch.compile", "activation_memory_budget": budget}
         try:
             # the budget is read when the joint graph is partitioned, during the first call
@@ -176,28 +179,26 @@ def make_configs(
             info[name]["error"] = f"{type(exc).__name__}: {exc}"[:500]
 
     backend = getattr(memfit.remat, "backend", None)
-    for i, budget in enumerate(sorted(budgets, reverse=True)):
-        name = memfit_name(budget)
+
+    def compile_memfit(name: str, budget: float | int, facts: dict[str, Any]) -> bool:
+        """Compile one memfit configuration; ``False`` when its plan is infeasible (it is then not run)."""
+        info[name] = {"kind": "memfit", "budget": budget, **facts}
         if backend is None:
-            info[name] = {
-                "kind": "memfit",
-                "budget": budget,
-                "error": "memfit.remat.backend is not available",
-            }
-            continue
+            info[name]["error"] = "memfit.remat.backend is not available"
+            return True
         _status(f"compiling {name}")
-        be = backend(budget=budget)
-        compiled = torch.compile(_fresh_function(step, name.replace("-", "_").replace(".", "_")), backend=be)
-        info[name] = {"kind": "memfit", "budget": budget}
+        be = backend(budget=budget, rates=memfit.remat.Rates(**rates))
+        compiled = torch.compile(fresh_function(step, name.replace("-", "_").replace(".", "_")), backend=be)
         try:
             info[name].update(first_call(name, compiled))
         except Exception as exc:
             info[name]["error"] = f"{type(exc).__name__}: {exc}"[:500]
             steps.pop(name, None)
-            continue
+            return True
         plans = list(be.plans)
         info[name].update(
             plans=[p.to_dict() for p in plans],
+            budget_bytes=sum(p.budget_bytes or 0 for p in plans),
             predicted_peak_bytes=sum(p.predicted_peak_bytes for p in plans),
             # inductor's own buffer plan, read from its generated code (memfit's prediction of record on this path)
             compiled_peak_bytes=(
@@ -213,8 +214,12 @@ def make_configs(
             feasible=all(p.feasible for p in plans),
         )
         if not info[name]["feasible"]:
-            # the plan fell back to its min-peak choice: skip it, and every smaller budget
             steps.pop(name)
+        return bool(info[name]["feasible"])
+
+    for i, budget in enumerate(sorted(budgets, reverse=True)):
+        if not compile_memfit(memfit_name(budget), budget, {}):
+            # the plan fell back to its min-peak choice: skip every smaller budget
             for smaller in sorted(budgets, reverse=True)[i + 1 :]:
                 info[memfit_name(smaller)] = {
                     "kind": "memfit",
@@ -222,6 +227,9 @@ def make_configs(
                     "skipped": f"below the smallest feasible budget (plan of {budget} is infeasible)",
                 }
             break
+    # memfit given, in bytes, the peak a torch.compile configuration was measured at (target (a) asks for that)
+    for cfg, nbytes in matched.items():
+        compile_memfit(matched_name(cfg), nbytes, {"matches": cfg})
     zero_grad()
     return params, steps, info
 
@@ -256,8 +264,14 @@ def _worker_result(info: dict[str, dict[str, Any]], graphs0: int) -> dict[str, A
     }
 
 
-def worker_memory(quick: bool, budgets: list[float], compile_budgets: list[float]) -> dict[str, Any]:
-    params, steps, info = make_configs(quick, budgets, compile_budgets)
+def worker_memory(
+    quick: bool,
+    budgets: list[float],
+    compile_budgets: list[float],
+    rates: dict[str, float],
+    matched: dict[str, int],
+) -> dict[str, Any]:
+    params, steps, info = make_configs(quick, budgets, compile_budgets, rates, matched)
     graphs0 = _graphs_compiled()
     for cfg, fn in steps.items():
         _status(f"memory {cfg}")
@@ -276,9 +290,14 @@ def worker_memory(quick: bool, budgets: list[float], compile_budgets: list[float
 
 
 def worker_time(
-    quick: bool, budgets: list[float], compile_budgets: list[float], steps_per_cfg: int
+    quick: bool,
+    budgets: list[float],
+    compile_budgets: list[float],
+    steps_per_cfg: int,
+    rates: dict[str, float],
+    matched: dict[str, int],
 ) -> dict[str, Any]:
-    params, steps, info = make_configs(quick, budgets, compile_budgets)
+    params, steps, info = make_configs(quick, budgets, compile_budgets, rates, matched)
     for cfg in steps:
         info[cfg]["times"] = []
     graphs0 = _graphs_compiled()
@@ -326,6 +345,7 @@ def run(
     steps_per_cfg: int,
     cache_dir: str | None,
     snapshot: str,
+    rates: dict[str, float],
     console: Any,
 ) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -348,12 +368,15 @@ def run(
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("", total=1 + procs)
+        task = progress.add_task("", total=2 + procs)
 
-        def spawn(what: str, kind: str, bud: list[float], env: dict[str, str]) -> dict[str, Any]:
+        def spawn(
+            what: str, kind: str, bud: list[float], env: dict[str, str], match: dict[str, int]
+        ) -> dict[str, Any]:
             args = ["--worker", kind, "--steps", str(steps_per_cfg), *common]
-            args += ["--budgets", ",".join(map(str, bud))]
-            args += ["--compile-budgets", ",".join(map(str, compile_budgets))]
+            args += ["--budgets", ",".join(map(str, bud)) or "none"]
+            args += ["--compile-budgets", ",".join(map(str, compile_budgets)) or "none"]
+            args += ["--rates", json.dumps(rates), "--matched", json.dumps(match)]
             got = _spawn(args, env, lambda s: progress.update(task, description=f"{what}: {s}"))
             progress.advance(task)
             if got["recompiled_while_measuring"]:
@@ -366,26 +389,48 @@ def run(
                     first_calls.setdefault(cfg, []).append(round(facts["first_call_s"], 3))
             return dict(got["configs"])
 
+        # 0: the peaks torch.compile's configurations reach (memory process, inductor cache of its own so that
+        # process 1 still compiles cold); memfit is then also given each of them as a byte budget
+        with tempfile.TemporaryDirectory(prefix="remat_compiled_levels_") as levels_cache:
+            levels = spawn(
+                "torch.compile's memory levels",
+                "memory",
+                [],
+                {**env_mem, "TORCHINDUCTOR_CACHE_DIR": levels_cache},
+                {},
+            )
+        matched = {
+            cfg: int(facts["peak_bytes"])
+            for cfg, facts in levels.items()
+            if facts.get("kind") == "torch.compile" and "peak_bytes" in facts
+        }
         # 1: timing process 1, compiling from an empty cache (compile s), finds the infeasible budgets
-        first = spawn(f"time 1/{procs}", "time", budgets, env_time)
+        first = spawn(f"time 1/{procs}", "time", budgets, env_time, matched)
         feasible = [b for b in budgets if "times" in first.get(memfit_name(b), {})]
+        matched = {c: b for c, b in matched.items() if "times" in first.get(matched_name(c), {})}
         for cfg, facts in first.items():
             configs[cfg] = {k: v for k, v in facts.items() if k != "times"}
             if "times" in facts:
                 configs[cfg]["compile_s"] = facts["first_call_s"] - statistics.median(facts["times"])
                 configs[cfg]["step_seconds_all"] = list(facts["times"])
         # 2: memory (glibc forced to mmap large blocks), on the warm cache
-        mem = spawn("memory (MALLOC_MMAP_THRESHOLD_=65536)", "memory", feasible, env_mem)
+        mem = spawn("memory (MALLOC_MMAP_THRESHOLD_=65536)", "memory", feasible, env_mem, matched)
         for cfg, facts in mem.items():
             row = configs.setdefault(cfg, {})
             for key in ("peak_bytes", "rss_peaks_bytes", "error"):
                 if key in facts:
                     row[key] = facts[key]
             row["memory_process_graphs"] = facts.get("graphs")
+            # the plan the memory process compiled: the prediction its measurement is checked against
+            for key in ("compiled_peak_bytes", "predicted_peak_bytes"):
+                if key in facts:
+                    row[f"memory_process_{key}"] = facts[key]
+            _same_plan(notes, "memory process", cfg, row, facts)
         # 3: the other timing processes
         for i in range(1, procs):
-            got = spawn(f"time {i + 1}/{procs}", "time", feasible, env_time)
+            got = spawn(f"time {i + 1}/{procs}", "time", feasible, env_time, matched)
             for cfg, facts in got.items():
+                _same_plan(notes, f"timing process {i + 1}", cfg, configs.get(cfg, {}), facts)
                 if "times" in facts:
                     configs[cfg].setdefault("step_seconds_all", []).extend(facts["times"])
     if len(sources) > 1:
@@ -404,11 +449,26 @@ def run(
             notes.append(f"{cfg}: nothing was compiled (a dynamo cache hit?)")
     order = ["eager", "ckpt-per-block"] + [compile_name(b) for b in compile_budgets]
     order += [memfit_name(b) for b in sorted(budgets, reverse=True)]
+    order += sorted(
+        (c for c in configs if c.startswith("memfit-compiled-at-")), key=lambda c: -configs[c]["budget"]
+    )
     return {
         "configs": {c: configs[c] for c in order if c in configs},
+        "compile_levels_bytes": matched,
         "notes": notes,
         "memfit_source_sha256": sorted(sources),
     }
+
+
+def _same_plan(notes: list[str], what: str, cfg: str, first: dict[str, Any], facts: dict[str, Any]) -> None:
+    """Note a memfit configuration whose plan in this process differs from the first timing process's (every
+    process is given the same rates, so the plans should agree)."""
+    keys = ("predicted_peak_bytes", "compiled_peak_bytes", "recomputed_ops")
+    if facts.get("kind") != "memfit" or not all(k in first and k in facts for k in keys):
+        return
+    if any(first[k] != facts[k] for k in keys):
+        got = ", ".join(f"{k} {first[k]} vs {facts[k]}" for k in keys)
+        notes.append(f"{cfg}: the {what} compiled another plan than timing process 1 ({got})")
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -462,7 +522,10 @@ def check_targets(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets (a)-(d), each with PASS/FAIL and the numbers behind it."""
     measured = {c: r for c, r in configs.items() if _measured(r)}
     eager = measured["eager"]
-    memfit = sorted(((r["budget"], c, r) for c, r in measured.items() if r.get("kind") == "memfit"))
+    memfit = sorted(
+        ((r["budget_bytes"], c, r) for c, r in measured.items() if r.get("kind") == "memfit"),
+        key=lambda row: row[0],
+    )
 
     def desc(c: str) -> str:
         r = measured[c]
@@ -511,20 +574,25 @@ def check_targets(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     else:
         out.append({"target": "b", "passed": None, "lines": ["n/a: per-block checkpointing not measured"]})
 
-    peaks = [(b, r["peak_bytes"] / MIB) for b, _, r in memfit]
+    peaks = [(f"{b / MIB:.1f}", r["peak_bytes"] / MIB) for b, _, r in memfit]
     bad = [(lo, hi) for lo, hi in itertools.pairwise(peaks) if lo[1] > hi[1] + MONOTONE_TOL_MIB]
-    lines = ["budget -> MiB: " + ", ".join(f"{b}: {p:.1f}" for b, p in peaks)]
+    lines = ["budget MiB -> measured MiB: " + ", ".join(f"{b}: {p:.1f}" for b, p in peaks)]
     lines += [f"FAIL budget {lo[0]}: {lo[1]:.1f} MiB > budget {hi[0]}: {hi[1]:.1f} MiB" for lo, hi in bad]
     lines.append(f"(non-decreasing in the budget, tolerance {MONOTONE_TOL_MIB} MiB of RSS noise)")
     out.append({"target": "c", "passed": not bad, "lines": lines})
 
     lines, ok = [], True
-    for b, _, r in memfit:
-        pred = r.get("compiled_peak_bytes") or r["predicted_peak_bytes"]
+    for _, c, r in memfit:
+        # the memory process's own plan (the one measured); the first timing process's where it is not recorded
+        pred = (
+            r.get("memory_process_compiled_peak_bytes")
+            or r.get("compiled_peak_bytes")
+            or r["predicted_peak_bytes"]
+        )
         err = pred / r["peak_bytes"] - 1
         ok &= abs(err) <= 0.10
         lines.append(
-            f"{'ok  ' if abs(err) <= 0.10 else 'FAIL'} budget {b}: predicted (inductor's buffer plan) "
+            f"{'ok  ' if abs(err) <= 0.10 else 'FAIL'} {label(c)}: predicted (inductor's buffer plan) "
             f"{pred / MIB:.1f} MiB, measured {r['peak_bytes'] / MIB:.1f} MiB ({err:+.1%}); memfit's model "
             f"{r['predicted_peak_bytes'] / MIB:.1f} MiB ({r['predicted_peak_bytes'] / r['peak_bytes'] - 1:+.1%})"
             + (", refined" if r.get("refined") else "")
@@ -564,7 +632,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         return r["peak_bytes"] / eager["peak_bytes"], r["step_seconds"] / eager["step_seconds"]
 
     def order(r: dict[str, Any]) -> float:  # a family of configurations, joined in the order of its budget
-        return float(r.get("budget", r.get("activation_memory_budget", 0.0)))
+        return float(r.get("budget_bytes", r.get("activation_memory_budget", 0.0)))
 
     style = {
         "eager": ("black", "*", 220, "eager autograd"),
@@ -589,7 +657,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
             if kind == "torch.compile":
                 text = "compile (1.0)" if c == "compile" else f"{r['activation_memory_budget']}"
             elif kind == "memfit":
-                text = f"{r['budget']}"
+                text = (
+                    "@" + r["matches"].replace("compile-amb-", "amb ").replace("compile", "compile's peak")
+                    if "matches" in r
+                    else f"{r['budget']}"
+                )
             else:
                 text = {"eager": "eager", "ckpt-per-block": "per-block checkpoint"}[c]
             above = kind != "memfit"
@@ -621,7 +693,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    """Comma-separated numbers; ``none`` for none."""
+    return [] if text.strip() == "none" else [float(x) for x in text.split(",") if x.strip()]
 
 
 def main() -> None:
@@ -646,16 +719,23 @@ def main() -> None:
     )
     ap.add_argument("--worker", choices=("memory", "time"), help=argparse.SUPPRESS)
     ap.add_argument("--result-file", help=argparse.SUPPRESS)
+    ap.add_argument("--rates", help=argparse.SUPPRESS)
+    ap.add_argument("--matched", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    budgets = args.budgets or list(QUICK_BUDGETS if args.quick else BUDGETS)
-    compile_budgets = args.compile_budgets or list(QUICK_COMPILE_BUDGETS if args.quick else COMPILE_BUDGETS)
+    budgets = args.budgets if args.budgets is not None else list(QUICK_BUDGETS if args.quick else BUDGETS)
+    compile_budgets = (
+        args.compile_budgets
+        if args.compile_budgets is not None
+        else list(QUICK_COMPILE_BUDGETS if args.quick else COMPILE_BUDGETS)
+    )
     steps = args.steps or (2 if args.quick else 5)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.worker:
+        rates, matched = json.loads(args.rates), json.loads(args.matched)
         if args.worker == "memory":
-            got = worker_memory(args.quick, budgets, compile_budgets)
+            got = worker_memory(args.quick, budgets, compile_budgets, rates, matched)
         else:
-            got = worker_time(args.quick, budgets, compile_budgets, steps)
+            got = worker_time(args.quick, budgets, compile_budgets, steps, rates, matched)
         Path(args.result_file).write_text(json.dumps(got))
         return
 
@@ -665,6 +745,11 @@ def main() -> None:
     t0 = time.perf_counter()
     procs = args.procs or (1 if args.quick else 5)
     description = build("gpt2", args.quick)[3]
+    import memfit.remat
+
+    # one set of device speeds for every process: the plans then agree across processes (calibrated in each,
+    # they move with the machine's load, and the plans with them)
+    rates = dataclasses.asdict(memfit.remat.calibrate("cpu"))
     with tempfile.TemporaryDirectory(prefix="remat_compiled_") as tmp:
         # memfit's sources may be edited while the run goes on: the workers import a copy taken now
         snapshot = os.path.join(tmp, "src")
@@ -674,7 +759,7 @@ def main() -> None:
             ignore=shutil.ignore_patterns("__pycache__"),
         )
         cache = None if args.warm_cache or args.quick else os.path.join(tmp, "inductor")
-        res = run(args.quick, budgets, compile_budgets, procs, steps, cache, snapshot, console)
+        res = run(args.quick, budgets, compile_budgets, procs, steps, cache, snapshot, rates, console)
     wall = time.perf_counter() - t0
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -697,6 +782,7 @@ def main() -> None:
         "memory_env": {"MALLOC_MMAP_THRESHOLD_": "65536"},
         "memfit_snapshot": "the workers import src/memfit as copied at the start of the run",
         "inductor_cache": "torch default (warm)" if cache is None else "fresh (compile s cold)",
+        "rates": rates,
         "wall_seconds": wall,
         **res,
     }

@@ -25,6 +25,7 @@ Writes ``benchmarks/results/remat_sweep.json`` and the Pareto plot ``benchmarks/
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -33,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,17 @@ def build(name: str, quick: bool) -> tuple[nn.Module, Callable[[nn.Module, Any],
     return model, xent, (x, y), f"ResNet {blocks} blocks x {c} ch, batch {b}x3x{size}x{size}"
 
 
+def fresh_function(fn: Callable[[Any], Any], tag: str) -> Callable[[Any], Any]:
+    """``fn`` with a code object of its own.
+
+    Dynamo caches compiled graphs on the code object of the frame: two ``torch.compile`` of functions sharing
+    one code object (a lambda made in a loop) share that cache, so the second would silently run the first's
+    graph, whatever its backend settings or ``activation_memory_budget``.
+    """
+    code = fn.__code__.replace(co_name=f"step_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
 def set_block_checkpointing(model: nn.Module, on: bool) -> None:
     if isinstance(model, ResNet):
         model.checkpoint_blocks = on
@@ -142,12 +155,27 @@ def make_steps(
         loss.backward()
         return loss
 
-    def ckpt() -> Any:
-        set_block_checkpointing(model, True)
-        try:
-            return eager()
-        finally:
-            set_block_checkpointing(model, False)
+    if with_compile:
+        # per-block checkpointing on a copy of its own, switched on once: toggling it on the shared model re-binds
+        # module attributes dynamo guards on, and every compiled configuration would recompile at its next call
+        ckpt_model = copy.deepcopy(model)
+        set_block_checkpointing(ckpt_model, True)
+
+        def ckpt() -> Any:
+            loss = loss_fn(ckpt_model, batch)
+            loss.backward()
+            for p in ckpt_model.parameters():  # the workers reset the shared model's gradients only
+                p.grad = None
+            return loss
+
+    else:
+
+        def ckpt() -> Any:
+            set_block_checkpointing(model, True)
+            try:
+                return eager()
+            finally:
+                set_block_checkpointing(model, False)
 
     steps["eager"], info["eager"] = eager, {"kind": "eager"}
     if want("ckpt-per-block"):
@@ -182,7 +210,11 @@ def make_steps(
             if not want(name):
                 continue
             functorch_config.activation_memory_budget = budget
-            compiled = torch.compile(lambda b: loss_fn(model, b))
+            # a code object of its own per budget: dynamo caches on it, and a shared lambda would serve every
+            # budget the first one's graph
+            compiled = torch.compile(
+                fresh_function(lambda b: loss_fn(model, b), name.replace("-", "_").replace(".", "_"))
+            )
             t0 = time.perf_counter()
             try:
                 compiled(batch).backward()  # compile now, under this budget

@@ -246,6 +246,18 @@ def inductor_wrapper_peak(source_code: str, arg_bytes: dict[str, int]) -> int | 
     return peak
 
 
+def no_autograd_cache() -> Any:
+    """A context that turns off AOTAutograd's compiled-graph cache (``torch._functorch.config.enable_autograd_cache``),
+    whose hits skip the partitioner; a no-op context where this torch has no such option."""
+    import contextlib
+
+    from torch._functorch import config as functorch_config
+
+    if not hasattr(functorch_config, "enable_autograd_cache"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(enable_autograd_cache=False)
+
+
 def eager_backward_compile() -> Any:
     """A context under which AOTAutograd compiles the backward graph together with the forward, not lazily at the
     first ``backward()``: ``torch._functorch.config.patch(force_non_lazy_backward_lowering=True)``. A no-op

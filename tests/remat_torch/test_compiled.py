@@ -217,3 +217,130 @@ def test_inductor_measured_peak_matches_prediction(name):
     measured = [row["measured"] for row in rows]
     # monotone in the budget, up to 2% of RSS noise
     assert all(b - a < 0.02 * measured[0] for a, b in itertools.pairwise(measured)), measured
+
+
+# --------------------------------------------------------------------------------------- rates, frontier, caching
+RATES = memfit.remat.Rates(flops_per_s=5e10, bytes_per_s=2e10, op_overhead_s=5e-6)
+
+
+def _plan_at(name, budget, rates):
+    make_model, loss_fn, make_batch = CASES[name]
+    torch.manual_seed(0)
+    model, batch = make_model(), make_batch()
+    torch._dynamo.reset()
+    backend = memfit.remat.backend(budget=budget, compiler="aot_eager", rates=rates)
+    torch.compile(lambda b: loss_fn(model, b), backend=backend)(batch).backward()
+    (plan,) = backend.plans
+    return plan
+
+
+def test_given_rates_fix_the_plan():
+    """The same rates give the same plan (what makes a benchmark's processes agree); the plan records them."""
+    a = _plan_at("mini-gpt", 0.8, RATES)
+    b = _plan_at("mini-gpt", 0.8, RATES)
+    fields = ("predicted_peak_bytes", "saved_bytes", "recompute_cost_s", "recomputed_ops", "min_peak_bytes")
+    assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
+    assert a.feasible and a.rates == RATES and a.to_dict()["rates"]["flops_per_s"] == RATES.flops_per_s
+    # a matmul 1000x slower makes every matmul recomputation dearer: the same choice costs more
+    slow = memfit.remat.Rates(flops_per_s=5e7, bytes_per_s=2e10, op_overhead_s=5e-6)
+    c = _plan_at("mini-gpt", 0.8, slow)
+    assert c.rates == slow and c.recompute_cost_s > a.recompute_cost_s
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"flops_per_s": -1.0, "bytes_per_s": 1e9, "op_overhead_s": 0.0}, ValueError, "flops_per_s > 0"),
+        ({"flops_per_s": 1e9, "bytes_per_s": 0.0, "op_overhead_s": 0.0}, ValueError, "bytes_per_s > 0"),
+        ({"flops_per_s": float("nan"), "bytes_per_s": 1e9, "op_overhead_s": 0.0}, TypeError, "finite"),
+        ({"flops_per_s": "fast", "bytes_per_s": 1e9, "op_overhead_s": 0.0}, TypeError, "finite number"),
+    ],
+)
+def test_bad_rates_are_a_clear_error(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        memfit.remat.Rates(**kwargs)
+
+
+def test_backend_rejects_rates_of_another_type():
+    with pytest.raises(TypeError, match="memfit.remat.Rates"):
+        memfit.remat.backend(budget=0.5, rates={"flops_per_s": 1e9})
+
+
+def test_calibrate_measures_positive_rates_once_per_process():
+    r = memfit.remat.calibrate("cpu")
+    assert r.flops_per_s > 0 and r.bytes_per_s > 0 and r.op_overhead_s >= 0
+    assert memfit.remat.calibrate(torch.device("cpu")) is r  # cached
+
+
+def _capture_frontier(monkeypatch, name, budget):
+    """Run one aot_eager compile and keep what ``_frontier`` was given and returned."""
+    from memfit.remat import _inductor
+
+    seen = {}
+    real = _inductor._frontier
+
+    def spy(model, start):
+        out = real(model, start)
+        seen.update(model=model, start=start, frontier=out)
+        return out
+
+    monkeypatch.setattr(_inductor, "_frontier", spy)
+    _plan_at(name, budget, RATES)
+    return seen["model"], seen["start"], seen["frontier"]
+
+
+def test_frontier_is_pareto_over_every_greedy_prefix(monkeypatch):
+    """Peaks rise as costs fall along the frontier, each point's figures are the simulator's, and no prefix of any
+    greedy pass (recomputed here independently) is both lower and cheaper than a frontier point."""
+    from memfit.remat import _inductor
+
+    model, start, frontier = _capture_frontier(monkeypatch, "mini-gpt", 0.8)
+    assert len(frontier) >= 3
+    for (p0, c0, _), (p1, c1, _) in itertools.pairwise(frontier):
+        assert p0 < p1 and c0 > c1
+    for peak, cost, r in frontier:
+        assert peak == model.simulate(r)[0] and cost == model.recompute_cost(r, start)
+    for scale in _inductor._COST_SCALES:
+        cost = {n: c * scale if model.kind[n] == "extern" else c for n, c in model.cost.items()}
+        r = set(start)
+        for move in model.greedy(start, cost):
+            r |= set(move)
+            p, c = model.simulate(r)[0], model.recompute_cost(r, start)
+            assert not any(p < fp and c < fc for fp, fc, _ in frontier), (scale, p, c)
+
+
+def test_fallback_attempts_partition_anew(monkeypatch):
+    """When the partitioned graphs miss the target, the next attempts re-tag the graph torch's partitioner reads.
+
+    torch's partitioner replaces ``gm.graph`` with a CSE'd copy on every call; tags written on the old copy would
+    be ignored and every attempt would return the first one's graphs.
+    """
+    from memfit.remat import _inductor
+
+    saved = []
+    real = _inductor._graph_peak
+
+    def pessimist(fw_gm, bw_gm, num_fwd_outputs, fused):
+        peak, saved_bytes = real(fw_gm, bw_gm, num_fwd_outputs, fused)
+        saved.append(saved_bytes)
+        return (peak if len(saved) == 1 else 10**15), saved_bytes  # the reference, then every attempt "misses"
+
+    monkeypatch.setattr(_inductor, "_graph_peak", pessimist)
+    with pytest.warns(UserWarning, match="below the lowest peak"):
+        _plan_at("mini-gpt", 0.8, RATES)
+    attempts = saved[1:]
+    assert len(attempts) >= 3
+    assert len(set(attempts)) == len(attempts), attempts  # each attempt a different partition
+
+
+def test_partitioner_pickles_to_its_id_for_inductors_cache_key():
+    """Inductor pickles its config (the partitioner included) into the FX graph cache key: it must pickle, and
+    to the same bytes every time, or every compile bypasses the cache."""
+    import pickle
+
+    from memfit.remat import _inductor
+
+    a = _inductor._make_partitioner(memfit.remat.backend(budget=0.5))
+    b = _inductor._make_partitioner(memfit.remat.backend(budget=0.2))
+    assert pickle.dumps(a) == pickle.dumps(b)
+    assert a.uuid() == _inductor._source_hash() and len(a.uuid()) == 64

@@ -40,6 +40,8 @@ _TORCH_API = {
     "capture": "memfit.remat._capture",
     "CapturedStep": "memfit.remat._capture",
     "UnsupportedGraph": "memfit.remat._capture",
+    "Rates": "memfit.remat._capture",
+    "calibrate": "memfit.remat._capture",
     "lower": "memfit.remat._lower",
     "backend": "memfit.remat._inductor",
     "MemfitBackend": "memfit.remat._inductor",

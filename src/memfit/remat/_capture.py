@@ -21,6 +21,7 @@ tensors (``cost="profile"``).
 
 from __future__ import annotations
 
+import math
 import operator
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from memfit.remat._graph import Graph
 
 CostModel = Literal["flops", "profile"]
 
-__all__ = ["CapturedStep", "UnsupportedGraph", "capture"]
+__all__ = ["CapturedStep", "Rates", "UnsupportedGraph", "calibrate", "capture"]
 
 
 class UnsupportedGraph(Exception):
@@ -178,17 +179,42 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return found
 
 
-@dataclass
-class _Rates:
+@dataclass(frozen=True)
+class Rates:
+    """A device's speeds, as memfit's cost models use them: an op costs its FLOPs at ``flops_per_s``, the bytes it
+    reads and writes at ``bytes_per_s``, and ``op_overhead_s`` of dispatch.
+
+    :func:`calibrate` measures them (once per process and device). Measured on a shared machine they move by
+    10-30% between processes, and the plans that depend on them can move with them: pass one ``Rates`` to every
+    process (``memfit.remat.backend(..., rates=...)``) for the same plan everywhere.
+    """
+
     flops_per_s: float
     bytes_per_s: float
     op_overhead_s: float
 
+    def __post_init__(self) -> None:
+        for name in ("flops_per_s", "bytes_per_s", "op_overhead_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"Rates.{name} must be a finite number, got {value!r}")
+        if self.flops_per_s <= 0 or self.bytes_per_s <= 0 or self.op_overhead_s < 0:
+            raise ValueError(
+                f"Rates must have flops_per_s > 0, bytes_per_s > 0 and op_overhead_s >= 0; got {self}"
+            )
 
-_RATES: dict[str, _Rates] = {}
+
+_Rates = Rates  # the name the eager path's cost model uses
+_RATES: dict[str, Rates] = {}
 
 
-def _calibrate(device: torch.device) -> _Rates:
+def calibrate(device: torch.device | str = "cpu") -> Rates:
+    """Measure ``device``'s matmul FLOP rate, memory bandwidth and per-op overhead (about a second; cached for the
+    process). ``"meta"`` measures this machine's CPU."""
+    return _calibrate(torch.device(device))
+
+
+def _calibrate(device: torch.device) -> Rates:
     """Measure matmul FLOP rate, memory bandwidth and per-op overhead of ``device`` once per process."""
     if device.type == "meta":  # planning without a device: estimate with this machine's CPU
         device = torch.device("cpu")
@@ -218,7 +244,7 @@ def _calibrate(device: torch.device) -> _Rates:
     bandwidth = 2 * big.numel() * 4 / best(lambda: big.mul(2.0))
     tiny = torch.empty(1, device=device)
     overhead = best(lambda: [tiny.add(1) for _ in range(100)]) / 100
-    rates = _Rates(flops_per_s=flops, bytes_per_s=bandwidth, op_overhead_s=overhead)
+    rates = Rates(flops_per_s=flops, bytes_per_s=bandwidth, op_overhead_s=overhead)
     _RATES[key] = rates
     return rates
 

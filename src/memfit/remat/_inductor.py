@@ -15,11 +15,12 @@ memfit's partitioner decides instead, against a byte budget on the peak of the *
    fusible consumers lives inside a fused kernel and takes no memory.
 2. Costs reflect fusion: recomputing a matmul costs its FLOPs at this device's measured rate; recomputing a
    pointwise op or a view fused into its consumer costs about the bytes it writes.
-3. A greedy pass (the "bytes freed per second recomputed" ratio of the knapsack formulations, e.g. Checkmate,
-   Jain et al. MLSys 2020, and the memory-budget partitioner of torch.compile) moves forward values from *saved* to
+3. Greedy passes (the "bytes freed per second recomputed" ratio of the knapsack formulations, e.g. Checkmate,
+   Jain et al. MLSys 2020, and the memory-budget partitioner of torch.compile) move forward values from *saved* to
    *recomputed* one at a time, always taking the value that frees the most predicted saved bytes per second of
-   added recomputation. The sequence is computed once; a budget picks its shortest prefix whose predicted peak fits.
-   Choosing "the first prefix that fits" makes the predicted peak monotone in the budget.
+   added recomputation; three passes, under three ratios of matmul to memory cost. Their prefixes, priced and
+   simulated, give a Pareto frontier of (peak, recompute cost); a budget takes the cheapest frontier point whose
+   predicted peak fits, which makes the predicted peak monotone in the budget.
 4. The choice becomes ``CheckpointPolicy`` tags on the joint graph (``MUST_RECOMPUTE`` / ``MUST_SAVE``) and torch's
    own partitioner carries it out (extraction, RNG handling, backward ordering), so the graphs inductor compiles are
    ordinary AOTAutograd graphs. The predicted peak is then recomputed on the graphs it returns.
@@ -33,6 +34,9 @@ are always saved, never recomputed.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
+import hashlib
 import logging
 import math
 import operator
@@ -48,7 +52,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import CheckpointPolicy
 
 from memfit import _compat
-from memfit.remat._capture import _alias_arg, _calibrate, _flops
+from memfit.remat._capture import Rates, _alias_arg, _calibrate, _flops
 
 __all__ = ["CompiledPlan", "MemfitBackend", "backend"]
 
@@ -90,8 +94,11 @@ class CompiledPlan:
             generated (fusion and buffer reuse as they really are); ``None`` until both graphs are compiled (the
             backward may compile at the first ``backward()``), and with ``compiler="aot_eager"``. When it is known,
             ``feasible`` says whether it fits the budget.
-        refined: the first compile's buffer plan overshot the budget, and this plan comes from a second compile
-            whose model aim was lowered by the ratio of inductor's peak to memfit's prediction.
+        refined: the first compile's buffer plan overshot the budget or left more than 3% of it unused, and this
+            plan comes from a second compile whose model aim was scaled by the ratio of memfit's prediction to
+            inductor's peak.
+        rates: the device speeds the costs were computed with (given to :func:`backend`, or calibrated in this
+            process); ``None`` without a budget.
     """
 
     budget_bytes: int | None
@@ -105,6 +112,7 @@ class CompiledPlan:
     solve_seconds: float
     compiled_peak_bytes: int | None = None
     refined: bool = False
+    rates: Rates | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,7 +218,7 @@ def _is_impure(node: fx.Node) -> bool:
 class _Model:
     """The joint graph as values with sizes, costs and the fusion model, and the step simulator."""
 
-    def __init__(self, gm: fx.GraphModule, num_fwd_outputs: int, device: torch.device, fused: bool) -> None:
+    def __init__(self, gm: fx.GraphModule, num_fwd_outputs: int, rates: Rates, fused: bool) -> None:
         self.fused = fused
         graph = gm.graph
         self.nodes = [n for n in graph.nodes if n.op != "output"]
@@ -248,7 +256,6 @@ class _Model:
         self.bytes = {
             n: 0 if self.kind[n] in ("view", "input") else _nbytes(n.meta.get("val")) for n in self.nodes
         }
-        rates = _calibrate(device)
         self.cost: dict[fx.Node, float] = {}
         for n in self.fw:
             if self.kind[n] == "extern":
@@ -382,6 +389,23 @@ class _Model:
             seq.append((n, False))
         return seq
 
+    def recomputed(self, recompute: set[fx.Node]) -> set[fx.Node]:
+        """The values of ``recompute`` the backward really recomputes: those it reads, directly or through other
+        recomputed values (a value no backward op needs is not recomputed, whatever its tag)."""
+        out: set[fx.Node] = set()
+        stack = [a for n in self.bw for a in n.all_input_nodes if a in recompute]
+        while stack:
+            a = stack.pop()
+            if a in out:
+                continue
+            out.add(a)
+            stack.extend(x for x in a.all_input_nodes if x in recompute)
+        return out
+
+    def recompute_cost(self, recompute: set[fx.Node], start: set[fx.Node]) -> float:
+        """Predicted seconds of recomputation added to the backward (``start``, the free views, excluded)."""
+        return math.fsum(self.cost[n] for n in self.recomputed(recompute) if n not in start)  # order-free
+
     # -------------------------------------------------------------------------------------------- greedy
     def candidates(self) -> list[fx.Node]:
         """Forward ops that may be recomputed (the outputs of a multi-output op go with it, not alone)."""
@@ -391,15 +415,19 @@ class _Model:
         """The values op ``n`` makes: itself, or its getitems."""
         return self.outputs_of.get(n) or [n]
 
-    def greedy(self, start: set[fx.Node], limit_s: float = 30.0) -> list[list[fx.Node]]:
+    def greedy(
+        self, start: set[fx.Node], cost: dict[fx.Node, float] | None = None, limit_s: float = 30.0
+    ) -> list[list[fx.Node]]:
         """Moves of forward values from saved to recomputed, in memfit's order: each move the one that frees the
         most saved bytes per second of added recomputation, given the moves before it.
 
         A move recomputes one saved value ``c`` and either saves whatever of its inputs is not yet available
         (gain: ``c``'s bytes less theirs), or recomputes those inputs too, back to values already saved or
         parameters (gain: all of ``c``'s bytes, cost: the whole chain). The second kind is what reaches per-block
-        checkpointing: a block's interior recomputed from its saved input.
+        checkpointing: a block's interior recomputed from its saved input. ``cost`` replaces :attr:`cost` (seconds
+        to recompute each op) in the ratios.
         """
+        cost = self.cost if cost is None else cost
         recompute = set(start)
         moves: list[list[fx.Node]] = []
         cands = [n for n in self.candidates() if n not in recompute]
@@ -417,13 +445,13 @@ class _Model:
                 missing = self._missing_inputs(c, saved, recompute)
                 simple_gain = freed - sum(self.bytes[x] for x in missing)
                 if simple_gain > 0:
-                    ratio = simple_gain / (self.cost[c] + 1e-9)
+                    ratio = simple_gain / (cost[c] + 1e-9)
                     if ratio > best_ratio:
                         best, best_ratio = [c], ratio
                 if missing:
                     chain = self._chain(c, saved, recompute)
                     if chain is not None:
-                        ratio = freed / (sum(self.cost[x] for x in chain) + 1e-9)
+                        ratio = freed / (sum(cost[x] for x in chain) + 1e-9)
                         if ratio > best_ratio:
                             best, best_ratio = chain, ratio
             if best is None:
@@ -594,7 +622,15 @@ def _make_partitioner(backend: MemfitBackend) -> Any:
             return backend._partition(gm, joint_inputs, min_cut, **kwargs)
 
         def uuid(self) -> Any:
-            return None  # the choice depends on the budget and measured rates: never reuse a cached compile
+            # inductor's FX graph cache keys on the graphs this returns (a compiled graph is the same whatever
+            # budget led to it) and on this id: which partitioner code made them. AOTAutograd's cache, keyed
+            # before partitioning, is off for memfit's compiles (MemfitBackend.__call__).
+            return _source_hash()
+
+        def __reduce__(self) -> tuple[Any, ...]:
+            # inductor pickles its config, this object included, into the FX graph cache key: pickle as the id
+            # (the partitioned graphs in the key say the rest)
+            return (str, (f"memfit-partitioner-{_source_hash()}",))
 
     return _MemfitPartitioner()
 
@@ -609,7 +645,13 @@ class MemfitBackend:
         compiler: str = "inductor",
         refine: bool = True,
         verbose: bool = False,
+        rates: Rates | None = None,
     ) -> None:
+        if rates is not None and not isinstance(rates, Rates):
+            raise TypeError(
+                f"rates must be a memfit.remat.Rates (e.g. memfit.remat.calibrate('cpu')) or None, got {rates!r}"
+            )
+        self.rates = rates
         self.refine = refine and budget is not None and compiler == "inductor"
         self._scale = 1.0
         if compiler not in ("inductor", "aot_eager"):
@@ -645,12 +687,13 @@ class MemfitBackend:
                 return self._partition(joint, joint_inputs, min_cut, compiler="inductor", **kwargs)
 
             return _compat.aot_eager_backend(partition)(gm, example_inputs)
-        # inductor's FX graph cache keys on the config, which now holds a partitioner whose choice depends on the
-        # budget and measured rates: compile afresh. The backward is compiled now, not at the first backward(), so
-        # that inductor's buffer plan of the whole step is known here.
-        patch = inductor_config.patch(custom_partitioner_fn=_make_partitioner(self), fx_graph_cache=False)
+        # AOTAutograd's cache would skip the partitioner, and with it memfit's plan (its key does not hold the
+        # budget): off. Inductor's FX graph cache, keyed on the partitioned graphs, stays as configured. The
+        # backward is compiled now, not at the first backward(), so that inductor's buffer plan of the whole step
+        # is known here.
+        patch = inductor_config.patch(custom_partitioner_fn=_make_partitioner(self))
         self._scale = 1.0
-        with patch, _compat.eager_backward_compile():
+        with patch, _compat.eager_backward_compile(), _compat.no_autograd_cache():
             first = compile_fx(
                 copy.deepcopy(gm) if self.refine else gm, example_inputs, inner_compile=self._inner_compile
             )
@@ -660,20 +703,26 @@ class MemfitBackend:
                 and plan is not None
                 and plan.budget_bytes is not None
                 and plan.compiled_peak_bytes is not None
-                and plan.compiled_peak_bytes > plan.budget_bytes
             ):
                 return first
-            # inductor's plan overshoots the budget that memfit's model met: aim the model lower by the ratio of the
-            # two and compile once more; keep whichever of the two peaks lower
-            self._scale = plan.predicted_peak_bytes / plan.compiled_peak_bytes
+            over = plan.compiled_peak_bytes > plan.budget_bytes
+            under = plan.compiled_peak_bytes < (1.0 - _SLACK) * plan.budget_bytes
+            if not (over or under):
+                return first
+            # inductor's plan misses the budget memfit's model aimed at: over it, or leaving more than _SLACK of it
+            # unused (recomputing more than needed). Aim the model by the ratio of the two (a little low) and compile
+            # once more. Over: keep whichever peaks lower. Under: keep the second if it fits and recomputes less.
+            self._scale = _AIM * plan.predicted_peak_bytes / plan.compiled_peak_bytes
             self.plans.pop()
             second = compile_fx(gm, example_inputs, inner_compile=self._inner_compile)
             again = self.plans[-1]
-            if (
-                again.compiled_peak_bytes is not None
-                and again.compiled_peak_bytes <= plan.compiled_peak_bytes
+            if again.compiled_peak_bytes is not None and (
+                again.compiled_peak_bytes <= plan.compiled_peak_bytes
+                if over
+                else again.compiled_peak_bytes <= plan.budget_bytes
+                and again.recompute_cost_s < plan.recompute_cost_s
             ):
-                self.plans[-1] = CompiledPlan(**{**again.to_dict(), "refined": True})
+                self.plans[-1] = dataclasses.replace(again, refined=True)
                 return second
             self.plans[-1] = plan
             return first
@@ -703,9 +752,7 @@ class MemfitBackend:
             plan = self.plans[i]
             whole = max(self._fw_peak.pop(i), peak + self._held.get(i, 0))
             feasible = plan.feasible if plan.budget_bytes is None else whole <= plan.budget_bytes
-            self.plans[i] = CompiledPlan(
-                **{**plan.to_dict(), "compiled_peak_bytes": whole, "feasible": feasible}
-            )
+            self.plans[i] = dataclasses.replace(plan, compiled_peak_bytes=whole, feasible=feasible)
         return out
 
     # ------------------------------------------------------------------------------------------------
@@ -721,34 +768,39 @@ class MemfitBackend:
         if self.budget is None:
             plan = CompiledPlan(None, full_peak, full_peak, full_peak, full_saved, 0.0, 0, True, 0.0)
             return self._done(plan, ref_fw, ref_bw, t0, num_fwd_outputs)
-        model = _Model(gm, num_fwd_outputs, _device_of(gm), self._fused)
+        # torch's partitioner hands ``gm`` a fresh (CSE'd) copy of its graph on every call, tags copied along:
+        # memfit's model and tags live on this one, which goes back into ``gm`` before each later call
+        graph = gm.graph
+        rates = self.rates if self.rates is not None else _calibrate(_device_of(gm))
+        model = _Model(gm, num_fwd_outputs, rates, self._fused)
 
         budget = int(self.budget * full_peak) if isinstance(self.budget, float) else int(self.budget)
         target = int(budget * self._scale)  # the model's aim: lower than the budget on a refining compile
         start = _default_recompute(model)
-        moves = model.greedy(start)
-        prefixes = [set(start)]
-        for move in moves:
-            prefixes.append(prefixes[-1] | set(move))
-        prefixes = _sampled(prefixes)
-        peaks = [model.simulate(r)[0] for r in prefixes]
-        lowest = min(range(len(peaks)), key=peaks.__getitem__)
-        # the shortest prefix whose predicted peak fits: "first fit" makes the choice monotone in the budget
-        fits = [i for i, peak in enumerate(peaks) if peak <= target]
-        # the partitioned graphs are the truth; where they exceed the budget after all, take the next prefix, and
-        # at last the lowest
-        tries = [*fits[:3], lowest] if lowest not in fits[:3] else fits[:3]
+        frontier = _frontier(model, start)
+        # the cheapest point whose predicted peak fits (the frontier's peaks rise as its costs fall, so the choice
+        # is monotone in the budget); where the partitioned graphs exceed the target after all, the next lower
+        # points, and at last the lowest
+        fits = [i for i, point in enumerate(frontier) if point[0] <= target]
+        tries = list(range(fits[-1], max(fits[-1] - 3, -1), -1)) if fits else []
+        tries += [] if 0 in tries else [0]
         for attempt, i in enumerate(tries):
-            chosen = prefixes[i]
+            chosen = frontier[i][2]
+            gm.graph = graph
             _tag(model, chosen)
             fw_gm, bw_gm = min_cut(gm, joint_inputs, **kwargs)
             peak, saved_bytes = _graph_peak(fw_gm, bw_gm, num_fwd_outputs, self._fused)
             log.debug(
-                "prefix %d: model peak %d, partitioned graphs %d (attempt %d)", i, peaks[i], peak, attempt
+                "frontier point %d: model peak %d, partitioned graphs %d (attempt %d)",
+                i,
+                frontier[i][0],
+                peak,
+                attempt,
             )
             if peak <= target:
                 break
-        feasible = peak <= budget
+        # on a refining compile aimed above the budget (memfit's model ran high), inductor's plan judges the fit
+        feasible = peak <= max(budget, target)
         if not feasible:
             warnings.warn(
                 f"memfit.remat.backend: budget {budget / 2**20:.1f} MiB is below the lowest peak the compiled path "
@@ -760,12 +812,15 @@ class MemfitBackend:
             budget_bytes=budget,
             predicted_peak_bytes=peak,
             full_peak_bytes=full_peak,
-            min_peak_bytes=min(peaks[lowest], peak),
+            min_peak_bytes=min(frontier[0][0], peak),
             saved_bytes=saved_bytes,
-            recompute_cost_s=math.fsum(model.cost[n] for n in chosen if n not in start),  # order-free
-            recomputed_ops=sum(1 for n in chosen if n not in start and model.kind[n] != "getitem"),
+            recompute_cost_s=model.recompute_cost(chosen, start),
+            recomputed_ops=sum(
+                1 for n in model.recomputed(chosen) if n not in start and model.kind[n] != "getitem"
+            ),
             feasible=feasible,
             solve_seconds=0.0,
+            rates=rates,
         )
         return self._done(plan, fw_gm, bw_gm, t0, num_fwd_outputs)
 
@@ -777,7 +832,7 @@ class MemfitBackend:
         t0: float,
         num_fwd_outputs: int,
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
-        plan = CompiledPlan(**{**plan.to_dict(), "solve_seconds": time.perf_counter() - t0})
+        plan = dataclasses.replace(plan, solve_seconds=time.perf_counter() - t0)
         self._held[len(self.plans)] = _held_bytes(fw_gm, num_fwd_outputs)
         self.plans.append(plan)
         if self.verbose:
@@ -786,13 +841,61 @@ class MemfitBackend:
         return fw_gm, bw_gm
 
 
-def _sampled(prefixes: list[set[fx.Node]]) -> list[set[fx.Node]]:
-    """At most ~200 evenly spaced prefixes (always the first and the last): simulating each is linear in the graph."""
+# Refinement (MemfitBackend.__call__): a second compile when inductor's buffer plan exceeds the budget or leaves more
+# than _SLACK of it unused; the model's aim is scaled by _AIM times the ratio of the model's peak to inductor's.
+_SLACK = 0.03
+_AIM = 0.99
+
+# Multipliers of the matmul (extern kernel) costs in the greedy passes. The calibrated rates are noisy and the
+# ratio of matmul to memory cost orders the greedy's moves; passes under a few ratios reach points (and lowest
+# peaks) that one pass misses. Every point is then priced with the calibrated costs.
+_COST_SCALES = (1.0, 4.0, 0.25)
+
+
+def _frontier(model: _Model, start: set[fx.Node]) -> list[tuple[int, float, set[fx.Node]]]:
+    """The Pareto frontier of ``(predicted peak, recompute cost, recompute set)`` over the prefixes of the greedy
+    passes: peaks ascending, costs strictly descending (no point is both higher and costlier than another)."""
+    points: dict[frozenset[fx.Node], tuple[int, float, set[fx.Node]]] = {}
+    for scale in _COST_SCALES:
+        cost = (
+            model.cost
+            if scale == 1.0
+            else {n: c * scale if model.kind[n] == "extern" else c for n, c in model.cost.items()}
+        )
+        prefixes = [set(start)]
+        for move in model.greedy(start, cost):
+            prefixes.append(prefixes[-1] | set(move))
+        for r in _sampled(prefixes):
+            key = frozenset(r)
+            if key not in points:
+                points[key] = (model.simulate(r)[0], model.recompute_cost(r, start), r)
+    frontier: list[tuple[int, float, set[fx.Node]]] = []
+    for point in sorted(points.values(), key=lambda p: (p[0], p[1])):
+        if not frontier or point[1] < frontier[-1][1]:
+            frontier.append(point)
+    return frontier
+
+
+@functools.cache
+def _source_hash() -> str:
+    """A hash of the sources that make memfit's choice (this module and the cost model's)."""
+    from memfit.remat import _capture
+
+    h = hashlib.sha256()
+    for path in (__file__, _capture.__file__):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _sampled(prefixes: list[set[fx.Node]], most: int = 100) -> list[set[fx.Node]]:
+    """At most ``most`` evenly spaced prefixes (always the first and the last): simulating each is linear in the
+    graph."""
     n = len(prefixes)
-    if n <= 200:
+    if n <= most:
         return prefixes
-    step = n / 200
-    idx = sorted({int(i * step) for i in range(200)} | {n - 1})
+    step = n / most
+    idx = sorted({int(i * step) for i in range(most)} | {n - 1})
     return [prefixes[i] for i in idx]
 
 
@@ -810,6 +913,7 @@ def backend(
     compiler: str = "inductor",
     refine: bool = True,
     verbose: bool = False,
+    rates: Rates | None = None,
 ) -> MemfitBackend:
     """A ``torch.compile`` backend: inductor, with memfit's solver choosing what the forward saves.
 
@@ -825,11 +929,16 @@ def backend(
             ``(0, 1]`` of the peak memfit predicts for torch's own partitioner; ``None`` keeps torch's choice.
         compiler: ``"inductor"`` (fused kernels: the point of this path) or ``"aot_eager"`` (the same partitioned
             graphs run op by op: compiles in seconds, for debugging and tests; its memory is not the fused one).
-        refine: when inductor's own buffer plan (read from the code it generated) overshoots the budget, compile
-            once more with memfit's model aimed lower by the ratio of the two (up to twice the compile time).
+        refine: when inductor's own buffer plan (read from the code it generated) overshoots the budget, or leaves
+            more than 3% of it unused (memfit's model ran high, and the step recomputes more than it must), compile
+            once more with memfit's model aimed by the ratio of the two (up to twice the compile time); the second
+            plan is kept if it peaks lower (overshoot) or fits and recomputes less (unused budget).
         verbose: print each graph's plan when it is compiled.
+        rates: the device speeds that price recomputation (:class:`memfit.remat.Rates`); ``None`` measures them in
+            this process (:func:`memfit.remat.calibrate`). Measured speeds move between processes on a shared
+            machine, and the plan can move with them: give every process the same ``Rates`` for the same plan.
 
     Returns:
         The backend; its ``plans`` list gains one :class:`CompiledPlan` per compiled graph.
     """
-    return MemfitBackend(budget, compiler=compiler, refine=refine, verbose=verbose)
+    return MemfitBackend(budget, compiler=compiler, refine=refine, verbose=verbose, rates=rates)
