@@ -262,7 +262,7 @@ def test_bad_rates_are_a_clear_error(kwargs, error, match):
 
 
 def test_backend_rejects_rates_of_another_type():
-    with pytest.raises(TypeError, match="memfit.remat.Rates"):
+    with pytest.raises(TypeError, match=r"memfit\.remat\.Rates"):
         memfit.remat.backend(budget=0.5, rates={"flops_per_s": 1e9})
 
 
