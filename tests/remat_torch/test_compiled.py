@@ -323,7 +323,9 @@ def test_fallback_attempts_partition_anew(monkeypatch):
     def pessimist(fw_gm, bw_gm, num_fwd_outputs, fused):
         peak, saved_bytes = real(fw_gm, bw_gm, num_fwd_outputs, fused)
         saved.append(saved_bytes)
-        return (peak if len(saved) == 1 else 10**15), saved_bytes  # the reference, then every attempt "misses"
+        return (
+            peak if len(saved) == 1 else 10**15
+        ), saved_bytes  # the reference, then every attempt "misses"
 
     monkeypatch.setattr(_inductor, "_graph_peak", pessimist)
     with pytest.warns(UserWarning, match="below the lowest peak"):
