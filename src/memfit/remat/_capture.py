@@ -204,7 +204,6 @@ class Rates:
             )
 
 
-_Rates = Rates  # the name the eager path's cost model uses
 _RATES: dict[str, Rates] = {}
 
 
@@ -266,7 +265,7 @@ def _flops(node: fx.Node) -> int:
     return int(flops)
 
 
-def _estimate_cost(node: fx.Node, out_bytes: int, is_view: bool, rates: _Rates) -> float:
+def _estimate_cost(node: fx.Node, out_bytes: int, is_view: bool, rates: Rates) -> float:
     """Seconds for one op: FLOPs at the matmul rate + bytes read and written at the bandwidth + dispatch."""
     if is_view:
         return rates.op_overhead_s * 0.5
