@@ -351,6 +351,16 @@ class _Model:
 
     def saved_set(self, recompute: set[fx.Node]) -> set[fx.Node]:
         """Forward values (storage owners) the backward reads, directly or through recomputed values."""
+        return self._reads(recompute)[0]
+
+    def recomputed(self, recompute: set[fx.Node]) -> set[fx.Node]:
+        """The values of ``recompute`` the backward really recomputes: those it reads, directly or through other
+        recomputed values (a value no backward op needs is not recomputed, whatever its tag)."""
+        return self._reads(recompute)[1]
+
+    def _reads(self, recompute: set[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
+        """``(saved, recomputed)``: walk back from the backward's forward inputs through recomputed values; every
+        value reached is recomputed if it is in ``recompute``, else saved (its storage owner)."""
         saved: set[fx.Node] = set()
         stack = [a for n in self.bw for a in n.all_input_nodes if a in self._fw_set]
         seen: set[fx.Node] = set()
@@ -363,7 +373,7 @@ class _Model:
                 stack.extend(x for x in a.all_input_nodes if x in self._fw_set)
             else:
                 saved.add(self.owner[a])
-        return saved
+        return saved, seen & recompute
 
     def _backward_order(self, recompute: set[fx.Node]) -> list[tuple[fx.Node, bool]]:
         """The backward as AOTAutograd orders it (``reordering_to_mimic_autograd_engine``): the ops that read a
@@ -388,19 +398,6 @@ class _Model:
                 seq.append((a, a in recompute))
             seq.append((n, False))
         return seq
-
-    def recomputed(self, recompute: set[fx.Node]) -> set[fx.Node]:
-        """The values of ``recompute`` the backward really recomputes: those it reads, directly or through other
-        recomputed values (a value no backward op needs is not recomputed, whatever its tag)."""
-        out: set[fx.Node] = set()
-        stack = [a for n in self.bw for a in n.all_input_nodes if a in recompute]
-        while stack:
-            a = stack.pop()
-            if a in out:
-                continue
-            out.add(a)
-            stack.extend(x for x in a.all_input_nodes if x in recompute)
-        return out
 
     def recompute_cost(self, recompute: set[fx.Node], start: set[fx.Node]) -> float:
         """Predicted seconds of recomputation added to the backward (``start``, the free views, excluded)."""
