@@ -9,6 +9,8 @@ Supported torch range: see ``pyproject.toml`` (CI runs 2.13.0).
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -269,3 +271,49 @@ def eager_backward_compile() -> Any:
     if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
         return contextlib.nullcontext()
     return functorch_config.patch(force_non_lazy_backward_lowering=True)
+
+
+@dataclass(frozen=True)
+class InlineRules:
+    """What memfit's fusion model reads of inductor's store-or-inline rules (torch/_inductor/config.py, lowering.py,
+    graph.py): which ops load their inputs inside their own fused loops, and how many buffers one fused expression
+    may read before inductor stores it (``realize_acc_reads_threshold``, per device type: ``"cpu"`` or
+    ``"other"``)."""
+
+    acc_reads: dict[str, int]
+    lowered: Any  # target -> bool: inductor fuses this op's inputs into its own loops (loads them inline)
+
+
+@functools.cache
+def inductor_inline_rules() -> InlineRules:
+    """The rules of this torch's inductor, with torch 2.13's values where an attribute is missing. An op is lowered
+    when ``lowering.lowerings`` has it and neither ``lowering.fallbacks`` nor ``lowering.needs_realized_inputs``
+    does."""
+    try:
+        from torch._inductor import config, lowering
+    except ImportError:  # pragma: no cover - inductor ships with torch
+        config = lowering = None
+
+    def cfg(name: str, default: int) -> int:
+        value = getattr(config, name, None)
+        return int(value) if isinstance(value, int) else default
+
+    acc_all = cfg("realize_acc_reads_threshold", 0) or None
+    lowerings = getattr(lowering, "lowerings", {})
+    realized = getattr(lowering, "needs_realized_inputs", set())
+    fallbacks = getattr(lowering, "fallbacks", set())
+
+    @functools.cache
+    def lowered(target: Any) -> bool:
+        packet = getattr(target, "overloadpacket", None)
+        if target in realized or packet in realized or target in fallbacks:
+            return False
+        return target in lowerings or packet in lowerings
+
+    return InlineRules(
+        acc_reads={
+            "cpu": acc_all or cfg("realize_cpu_acc_reads_threshold", 12),
+            "other": acc_all or cfg("_realize_acc_reads_threshold_default", 8),
+        },
+        lowered=lowered,
+    )

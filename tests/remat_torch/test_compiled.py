@@ -346,3 +346,30 @@ def test_partitioner_pickles_to_its_id_for_inductors_cache_key():
     b = _inductor._make_partitioner(memfit.remat.backend(budget=0.2))
     assert pickle.dumps(a) == pickle.dumps(b)
     assert a.uuid() == _inductor._source_hash() and len(a.uuid()) == 64
+
+
+def test_addmm_fusion_moves_the_matmul_to_its_add():
+    """inductor turns ``add(mm(a, b), c)`` into ``addmm(c, a, b)`` at the add (tied LM-head weights: the logits'
+    gradient then lives to the end of the backward); the model reads the matmul's inputs there, and a matmul with
+    another reader stays."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memfit.remat._inductor import _addmm_fusions, _reads_after_fusion
+
+    def f(a, b, c, d):
+        m = torch.mm(a, b)
+        e = torch.relu(d)  # between the matmul and its add
+        s = m + c
+        m2 = torch.mm(a, b)
+        return s + e, m2 + c, m2 * 2
+
+    args = (torch.randn(4, 3), torch.randn(3, 5), torch.randn(4, 5), torch.randn(4, 5))
+    gm = make_fx(f)(*args)
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    pairs = _addmm_fusions(nodes)
+    mms = [n for n in nodes if n.target is torch.ops.aten.mm.default]
+    assert len(mms) == 2 and list(pairs) == [mms[0]]  # the second matmul has two readers: not fused
+    (add,) = pairs.values()
+    reads, adds = _reads_after_fusion(nodes, fused=True)
+    assert adds == {add} and reads[mms[0]] == [] and set(reads[add]) == {*mms[0].all_input_nodes, add.args[1]}
+    assert _reads_after_fusion(nodes, fused=False)[1] == set()

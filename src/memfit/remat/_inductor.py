@@ -215,6 +215,145 @@ def _is_impure(node: fx.Node) -> bool:
     return bool(schema is not None and schema.is_mutable)
 
 
+def _addmm_fusions(nodes: Iterable[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """``{mm: add}`` for each ``add(mm(a, b), c)`` inductor's post-grad pass turns into ``addmm(c, a, b)`` at the
+    add (torch/_inductor/fx_passes/post_grad.py, ``addmm``; on GPUs not when every reader of the sum is pointwise).
+    The matmul then runs where the add is, and its inputs live until there: with tied weights (an LM head sharing
+    the embedding), the logits' gradient is held to the end of the backward."""
+    out: dict[fx.Node, fx.Node] = {}
+    for add in nodes:
+        if (
+            add.op != "call_function"
+            or _name(add) != "add"
+            or len(add.args) != 2
+            or add.kwargs.get("alpha", 1) != 1
+        ):
+            continue
+        val = add.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        for mm, inp in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+            if not (
+                isinstance(mm, fx.Node)
+                and _name(mm) == "mm"
+                and len(mm.users) == 1
+                and isinstance(inp, fx.Node)
+            ):
+                continue
+            ival, mval = inp.meta.get("val"), mm.meta.get("val")
+            if (
+                not (isinstance(ival, torch.Tensor) and isinstance(mval, torch.Tensor))
+                or ival.dtype != mval.dtype
+            ):
+                continue
+            if any(
+                a.meta.get("val") is None or a.meta["val"].dtype != ival.dtype for a in mm.all_input_nodes
+            ):
+                continue
+            try:
+                torch.broadcast_shapes(tuple(ival.shape), tuple(mval.shape))
+            except RuntimeError:
+                continue
+            if tuple(ival.shape) != tuple(mval.shape) and len(ival.shape) > len(mval.shape):
+                continue
+            if val.device.type != "cpu" and all(_kind(u) == "pointwise" for u in add.users):
+                continue  # should_prefer_unfused_addmm
+            out[mm] = add
+            break
+    return out
+
+
+def _reads_after_fusion(
+    nodes: Sequence[fx.Node], fused: bool
+) -> tuple[dict[fx.Node, list[fx.Node]], set[fx.Node]]:
+    """Each node's inputs as inductor runs it (a fused matmul's inputs read at its add), and the fused adds."""
+    reads = {n: list(n.all_input_nodes) for n in nodes}
+    if not fused:
+        return reads, set()
+    pairs = _addmm_fusions(nodes)
+    for mm, add in pairs.items():
+        reads[add] = [a for a in reads[add] if a is not mm] + reads[mm]
+        reads[mm] = []
+    return reads, set(pairs.values())
+
+
+class _Fusion:
+    """inductor's store-or-inline choice for each pointwise value of one run of a graph, as its lowering makes it.
+
+    A pointwise value is *inlined*, computed inside the loops of each op that reads it (a pointwise op, a reduction,
+    a view that is itself inlined), unless it is kept (a graph output, a saved value), an op inductor does not fuse
+    into reads it (an extern kernel, a fallback, an op in ``needs_realized_inputs``), its fused expression reads
+    more buffers than ``realize_acc_reads_threshold``, or several ops read it and its expression is dear to repeat
+    (``ir.StorageBox.should_realize_on_reuse``): on CPU, one with a transcendental op. inductor counts the reads of
+    its loop IR (each indexing of a buffer is a read) against 4; memfit counts distinct fx values against 2, and
+    counts ``erf`` as transcendental. Calibrated so on inductor's buffer plans: within 5% on a 6-layer GPT-2 over
+    its budgets and on a small GPT, where inductor's own thresholds applied to fx values predicted 27% low.
+    Reductions' results are buffers. Values are fed in order, so every input's expression is known when a value is
+    decided.
+    """
+
+    _READS_ON_REUSE = 2
+    _HEAVY_CPU = frozenset({"exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh", "erf"})
+
+    def __init__(self, addmm: set[fx.Node] | frozenset[fx.Node] = frozenset()) -> None:
+        self.rules = _compat.inductor_inline_rules()
+        self.addmm = addmm  # adds that became addmm kernels (_addmm_fusions)
+        self._expr: dict[
+            Any, tuple[frozenset[Any], bool]
+        ] = {}  # an inlined value: (buffers read, transcendental)
+
+    def load(self, key: Any) -> tuple[frozenset[Any], bool]:
+        """What a fused loop reads to load value ``key``: its buffer, or an inlined value's expression."""
+        return self._expr.get(key) or (frozenset((key,)), False)
+
+    def inline(self, key: Any, inputs: Iterable[Any]) -> None:
+        """``key`` (a view) reads as its input does."""
+        for k in inputs:
+            if k in self._expr:
+                self._expr[key] = self._expr[k]
+            return
+
+    def stored(
+        self, key: Any, node: fx.Node, inputs: Iterable[Any], users: Iterable[fx.Node], kept: bool
+    ) -> bool:
+        """Whether pointwise ``node`` (the value ``key``, reading the values ``inputs``) gets a buffer of its own."""
+        reads: set[Any] = set()
+        cpu = _device_type(node) == "cpu"
+        heavy = cpu and _name(node) in self._HEAVY_CPU
+        for k in inputs:
+            r, h = self.load(k)
+            reads |= r
+            heavy = heavy or h
+        users = set(users)  # an op reading the value twice is one reader
+        store = (
+            kept
+            or not self.rules.lowered(node.target)
+            or any(not self._fuses_inputs(u) for u in users)
+            or len(reads) > self.rules.acc_reads["cpu" if cpu else "other"]
+            or (len(users) > 1 and (heavy or len(reads) > self._READS_ON_REUSE))
+        )
+        if not store:
+            self._expr[key] = (frozenset(reads), heavy)
+        return store
+
+    def _fuses_inputs(self, user: fx.Node) -> bool:
+        """Whether ``user`` loads its inputs inside its own loops; a view does when all that read it do (an extern
+        kernel reading a view of an inlined value realizes the value)."""
+        if user.op != "call_function" or user in self.addmm:
+            return False
+        kind = _kind(user)
+        if kind == "extern":
+            return False
+        if kind == "view":
+            return all(self._fuses_inputs(u) for u in user.users)
+        return kind == "pointwise" or self.rules.lowered(user.target)
+
+
+def _device_type(node: fx.Node) -> str:
+    val = node.meta.get("val")
+    return val.device.type if isinstance(val, torch.Tensor) else "cpu"
+
+
 class _Model:
     """The joint graph as values with sizes, costs and the fusion model, and the step simulator."""
 
@@ -286,16 +425,34 @@ class _Model:
         for n in list(self.fixed):  # the outputs of a fixed multi-output op stay with it
             self.fixed.update(u for u in n.users if u.target is operator.getitem)
         self.order = {n: i for i, n in enumerate(self.nodes)}
+        # the backward's matmuls inductor fuses into a following add (both backward ops, never recomputed)
+        self.reads, self.addmm = _reads_after_fusion(self.nodes, fused)
+        if self.addmm:
+            fw_touched = {a for add in self.addmm for a in [add, *add.all_input_nodes]} & self._fw_set
+            if fw_touched:  # an add of the forward: leave the graph as it is
+                self.reads, self.addmm = _reads_after_fusion(self.nodes, False)
 
     # -------------------------------------------------------------------------------------------- fusion
-    def _materialized(self, n: fx.Node, users: Iterable[fx.Node], kept: bool) -> bool:
+    def _materialized(
+        self,
+        key: tuple[fx.Node, bool],
+        users: Sequence[fx.Node],
+        kept: bool,
+        fusion: _Fusion,
+        inputs: list[Any],
+    ) -> bool:
+        n = key[0]
         kind = self.kind[n]
-        if kind in ("view", "input") or self.bytes[n] == 0:
+        if self.fused and not self.reads[n] and n.all_input_nodes and n not in self.addmm:
+            return False  # a matmul inductor fuses into the add that reads it: it runs, and writes, there
+        if kind == "view":
+            fusion.inline(key, inputs)
             return False
-        if kept or not self.fused or kind in ("extern", "other", "getitem"):
+        if kind == "input" or self.bytes[n] == 0:
+            return False
+        if not self.fused or kind in ("extern", "other", "getitem") or n in self.addmm:
             return True
-        users = list(users)
-        return any(self.kind[u] in ("extern", "other") for u in users) or len(users) > 1
+        return fusion.stored(key, n, inputs, users, kept)
 
     # -------------------------------------------------------------------------------------------- simulation
     def simulate(self, recompute: set[fx.Node]) -> tuple[int, int]:
@@ -309,7 +466,7 @@ class _Model:
         last: dict[tuple[fx.Node, bool], int] = {}
         users: dict[tuple[fx.Node, bool], list[fx.Node]] = {}
         for i, (n, again) in enumerate(seq):
-            for a in n.all_input_nodes:
+            for a in self.reads[n]:
                 src = self._source(a, n, again, recompute)
                 if src is None:
                     continue
@@ -328,10 +485,12 @@ class _Model:
         live = 0
         peak = 0
         frees: dict[int, int] = {}
+        fusion = _Fusion(self.addmm)
         for i, key in enumerate(seq):
-            n, _ = key
-            kept = (n in saved and not key[1]) or n in self.bw_outputs or n in self.fw_outputs
-            if self._materialized(n, users.get(key, ()), kept):
+            n, again = key
+            kept = (n in saved and not again) or n in self.bw_outputs or n in self.fw_outputs
+            inputs = [self._source(a, n, again, recompute) or a for a in self.reads[n]]
+            if self._materialized(key, users.get(key, ()), kept, fusion, inputs):
                 size = self.bytes[n]
                 live += size
                 end = last.get(key, i)
@@ -573,9 +732,10 @@ def _run_peak(
 ) -> tuple[int, int]:
     """``(peak, live at the end)`` of one graph run in order: ``carry`` are inputs that occupy memory until their
     last use, ``keep`` values that live to the end (outputs)."""
+    reads, addmm = _reads_after_fusion(nodes, fused)
     last: dict[fx.Node, int] = {}
     for i, n in enumerate(nodes):
-        for a in n.all_input_nodes:
+        for a in reads[n]:
             last[owner[a]] = i
     for n in keep:  # an output that is a view (a transposed weight gradient) keeps its base
         last[owner[n]] = len(nodes)
@@ -587,17 +747,21 @@ def _run_peak(
         frees[end] = frees.get(end, 0) + size
     live -= frees.pop(-1, 0)
     peak = live
+    fusion = _Fusion(addmm)
     for i, n in enumerate(nodes):
         k = kind[n]
-        size = _nbytes(n.meta.get("val")) if n.op != "placeholder" and k != "view" else 0
+        if k == "view":
+            fusion.inline(n, n.all_input_nodes)
+        fused_away = (
+            fused and not reads[n] and bool(n.all_input_nodes) and n not in addmm
+        )  # a matmul run at its add
+        size = _nbytes(n.meta.get("val")) if n.op != "placeholder" and k != "view" and not fused_away else 0
         if size > 0:
-            users = list(n.users)
             materialized = (
-                n in keep
-                or not fused
+                not fused
                 or k in ("extern", "other", "getitem")
-                or any(u.op == "output" or kind.get(u) in ("extern", "other") for u in users)
-                or len(users) > 1
+                or n in addmm
+                or fusion.stored(n, n, reads[n], list(n.users), n in keep)
             )
             if materialized:
                 live += size
