@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import shlex
 import shutil
 import statistics
@@ -518,6 +519,18 @@ def print_table(console: Any, description: str, configs: dict[str, dict[str, Any
     console.print(table)
 
 
+def paired_ratio(a: list[float], b: list[float], resamples: int = 2000) -> tuple[float, float, float]:
+    """Median of the per-step ratios ``a[i] / b[i]`` and its bootstrap 95% interval.
+
+    Step ``i`` of two configurations ran back to back in the same process (the configurations are interleaved step
+    by step), so the ratio of the pair cancels most of the machine's drift; the interval is over resampled pairs
+    (seeded: the same numbers give the same interval)."""
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return statistics.median(ratios), meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
+
+
 def check_targets(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets (a)-(d), each with PASS/FAIL and the numbers behind it."""
     measured = {c: r for c, r in configs.items() if _measured(r)}
@@ -539,6 +552,14 @@ def check_targets(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         cands = [(r["step_seconds"], c) for _, c, r in memfit if r["peak_bytes"] <= peak]
         return min(cands)[1] if cands else None
 
+    def paired(m: str, ref: str) -> str:
+        a, b = measured[m].get("step_seconds_all", []), measured[ref].get("step_seconds_all", [])
+        if len(a) != len(b) or len(a) < 3:
+            return "no paired steps"
+        med, lo, hi = paired_ratio(a, b)
+        verdict = "faster" if hi < 1 else "slower" if lo > 1 else "level within the noise"
+        return f"paired per-step ratio x{med:.3f} [{lo:.3f}, {hi:.3f}] ({verdict})"
+
     out: list[dict[str, Any]] = []
     if not memfit:
         for t in "abcd":
@@ -556,7 +577,10 @@ def check_targets(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         good = measured[m]["step_seconds"] <= measured[c]["step_seconds"]
         ok &= good
         ratio = measured[m]["step_seconds"] / measured[c]["step_seconds"]
-        lines.append(f"{'ok  ' if good else 'FAIL'} {desc(c)} <- {desc(m)}: time x{ratio:.3f} of it")
+        lines.append(
+            f"{'ok  ' if good else 'FAIL'} {desc(c)} <- {desc(m)}: time x{ratio:.3f} of it (medians); "
+            + paired(m, c)
+        )
     out.append(
         {"target": "a", "passed": ok if compiled else None, "lines": lines or ["n/a: no compile rows"]}
     )
@@ -569,7 +593,10 @@ def check_targets(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             ok = measured[m]["step_seconds"] < k["step_seconds"]
             ratio = measured[m]["step_seconds"] / k["step_seconds"]
-            lines = [f"{desc('ckpt-per-block')} <- {desc(m)}: time x{ratio:.3f} of it"]
+            lines = [
+                f"{desc('ckpt-per-block')} <- {desc(m)}: time x{ratio:.3f} of it (medians); "
+                + paired(m, "ckpt-per-block")
+            ]
         out.append({"target": "b", "passed": ok, "lines": lines})
     else:
         out.append({"target": "b", "passed": None, "lines": ["n/a: per-block checkpointing not measured"]})
@@ -717,6 +744,12 @@ def main() -> None:
         help="use torch's own inductor cache dir instead of a fresh one (faster; compile s then not cold); "
         "--quick always does",
     )
+    ap.add_argument(
+        "--report",
+        metavar="JSON",
+        help="print the table and the targets of a finished run's result file (and store the targets' lines in it) "
+        "instead of running",
+    )
     ap.add_argument("--worker", choices=("memory", "time"), help=argparse.SUPPRESS)
     ap.add_argument("--result-file", help=argparse.SUPPRESS)
     ap.add_argument("--rates", help=argparse.SUPPRESS)
@@ -742,6 +775,16 @@ def main() -> None:
     from rich.console import Console
 
     console = Console(width=180)
+    if args.report:
+        path = Path(args.report)
+        results = json.loads(path.read_text())
+        print_table(console, results["description"], results["configs"])
+        for note in results["notes"]:
+            console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        results["targets"] = check_targets(results["configs"])
+        print_targets(console, results["targets"])
+        path.write_text(json.dumps(results, indent=1))
+        return
     t0 = time.perf_counter()
     procs = args.procs or (1 if args.quick else 5)
     description = build("gpt2", args.quick)[3]

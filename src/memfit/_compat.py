@@ -289,6 +289,8 @@ def inductor_inline_rules() -> InlineRules:
     """The rules of this torch's inductor, with torch 2.13's values where an attribute is missing. An op is lowered
     when ``lowering.lowerings`` has it and neither ``lowering.fallbacks`` nor ``lowering.needs_realized_inputs``
     does."""
+    config: Any
+    lowering: Any
     try:
         from torch._inductor import config, lowering
     except ImportError:  # pragma: no cover - inductor ships with torch
@@ -299,9 +301,9 @@ def inductor_inline_rules() -> InlineRules:
         return int(value) if isinstance(value, int) else default
 
     acc_all = cfg("realize_acc_reads_threshold", 0) or None
-    lowerings = getattr(lowering, "lowerings", {})
-    realized = getattr(lowering, "needs_realized_inputs", set())
-    fallbacks = getattr(lowering, "fallbacks", set())
+    lowerings: Any = getattr(lowering, "lowerings", {})
+    realized: Any = getattr(lowering, "needs_realized_inputs", set())
+    fallbacks: Any = getattr(lowering, "fallbacks", set())
 
     @functools.cache
     def lowered(target: Any) -> bool:
@@ -317,3 +319,11 @@ def inductor_inline_rules() -> InlineRules:
         },
         lowered=lowered,
     )
+
+
+def functorch_config() -> Any:
+    """``torch._functorch.config``: AOTAutograd's settings, among them ``activation_memory_budget`` (the fraction of
+    saved activation bytes the default partitioner's knapsack keeps)."""
+    from torch._functorch import config
+
+    return config

@@ -279,14 +279,15 @@ def _capture_frontier(monkeypatch, name, budget):
     seen = {}
     real = _inductor._frontier
 
-    def spy(model, start):
-        out = real(model, start)
-        seen.update(model=model, start=start, frontier=out)
+    def spy(model, start, extra=()):
+        extra = list(extra)
+        out = real(model, start, extra)
+        seen.update(model=model, start=start, frontier=out, extra=extra)
         return out
 
     monkeypatch.setattr(_inductor, "_frontier", spy)
     _plan_at(name, budget, RATES)
-    return seen["model"], seen["start"], seen["frontier"]
+    return seen["model"], seen["start"], seen["frontier"], seen["extra"]
 
 
 def test_frontier_is_pareto_over_every_greedy_prefix(monkeypatch):
@@ -294,7 +295,7 @@ def test_frontier_is_pareto_over_every_greedy_prefix(monkeypatch):
     greedy pass (recomputed here independently) is both lower and cheaper than a frontier point."""
     from memfit.remat import _inductor
 
-    model, start, frontier = _capture_frontier(monkeypatch, "mini-gpt", 0.8)
+    model, start, frontier, torch_sets = _capture_frontier(monkeypatch, "mini-gpt", 0.8)
     assert len(frontier) >= 3
     for (p0, c0, _), (p1, c1, _) in itertools.pairwise(frontier):
         assert p0 < p1 and c0 > c1
@@ -307,6 +308,13 @@ def test_frontier_is_pareto_over_every_greedy_prefix(monkeypatch):
             r |= set(move)
             p, c = model.simulate(r)[0], model.recompute_cost(r, start)
             assert not any(p < fp and c < fc for fp, fc, _ in frontier), (scale, p, c)
+    # torch's own knapsack at each activation_memory_budget level is a candidate too: none beats the frontier
+    assert len(torch_sets) == 1 + len(_inductor._TORCH_LEVELS)  # the default partition, and each level
+    assert len({frozenset(r) for r in torch_sets}) >= 2  # the levels really change torch's choice
+    for r in torch_sets:
+        r = r | start
+        p, c = model.simulate(r)[0], model.recompute_cost(r, start)
+        assert any(fp <= p and fc <= c for fp, fc, _ in frontier), (p, c)
 
 
 def test_fallback_attempts_partition_anew(monkeypatch):

@@ -11,16 +11,21 @@ memfit's partitioner decides instead, against a byte budget on the peak of the *
 1. It models the step as inductor will run it: the forward in order, then the backward in the order AOTAutograd
    gives it (each recomputed value inserted just before its first use, as ``reordering_to_mimic_autograd_engine``
    does), with the memory of every *materialized* value: the output of a matmul, convolution or attention kernel, of
-   a reduction, anything an extern kernel reads, anything a graph returns or saves. A pointwise value read only by
-   fusible consumers lives inside a fused kernel and takes no memory.
+   a reduction, anything an extern kernel or a fallback reads, anything a graph returns or saves, and a pointwise
+   value read by several ops when inductor would store it (:class:`_Fusion`). A pointwise value read by a fused op
+   (pointwise or reduction) lives inside the fused kernel and takes no memory. A backward matmul whose only reader
+   is an add runs at that add, as the ``addmm`` inductor's post-grad pass makes of the two (:func:`_addmm_fusions`):
+   with an LM head tied to the embedding, that holds the logits' gradient to the end of the backward.
 2. Costs reflect fusion: recomputing a matmul costs its FLOPs at this device's measured rate; recomputing a
    pointwise op or a view fused into its consumer costs about the bytes it writes.
 3. Greedy passes (the "bytes freed per second recomputed" ratio of the knapsack formulations, e.g. Checkmate,
    Jain et al. MLSys 2020, and the memory-budget partitioner of torch.compile) move forward values from *saved* to
    *recomputed* one at a time, always taking the value that frees the most predicted saved bytes per second of
-   added recomputation; three passes, under three ratios of matmul to memory cost. Their prefixes, priced and
+   added recomputation; three passes, under three ratios of matmul to memory cost. Their prefixes, and torch's own
+   choices (its default partition and its knapsack at three ``activation_memory_budget`` levels), priced and
    simulated, give a Pareto frontier of (peak, recompute cost); a budget takes the cheapest frontier point whose
-   predicted peak fits, which makes the predicted peak monotone in the budget.
+   predicted peak fits, which makes the predicted peak monotone in the budget, and never a plan the model rates
+   costlier than one of torch's that fits as well.
 4. The choice becomes ``CheckpointPolicy`` tags on the joint graph (``MUST_RECOMPUTE`` / ``MUST_SAVE``) and torch's
    own partitioner carries it out (extraction, RNG handling, backward ordering), so the graphs inductor compiles are
    ordinary AOTAutograd graphs. The predicted peak is then recomputed on the graphs it returns.
@@ -938,7 +943,10 @@ class MemfitBackend:
         budget = int(self.budget * full_peak) if isinstance(self.budget, float) else int(self.budget)
         target = int(budget * self._scale)  # the model's aim: lower than the budget on a refining compile
         start = _default_recompute(model)
-        frontier = _frontier(model, start)
+        # torch's own choices are candidates too: its default partition (computed above) and its knapsack's
+        torch_sets = [_recomputed_by(model, ref_fw, num_fwd_outputs)]
+        torch_sets += _torch_choices(model, gm, graph, joint_inputs, min_cut, kwargs)
+        frontier = _frontier(model, start, torch_sets)
         # the cheapest point whose predicted peak fits (the frontier's peaks rise as its costs fall, so the choice
         # is monotone in the budget); where the partitioned graphs exceed the target after all, the next lower
         # points, and at last the lowest
@@ -1013,10 +1021,82 @@ _AIM = 0.99
 _COST_SCALES = (1.0, 4.0, 0.25)
 
 
-def _frontier(model: _Model, start: set[fx.Node]) -> list[tuple[int, float, set[fx.Node]]]:
+# Levels of torch's own ``activation_memory_budget`` whose choices join memfit's candidates (_torch_choices): the
+# knob's range at three points. Each costs one call of torch's knapsack partitioner (2.5 s on the benchmark's GPT-2,
+# where memfit's frontier dominated torch's choices at 0.8, 0.6, 0.4, 0.3, 0.2 and 0.1, and torch's 0.5 choice
+# joined the frontier between two of memfit's points).
+_TORCH_LEVELS = (0.8, 0.5, 0.2)
+
+
+def _torch_choices(
+    model: _Model,
+    gm: fx.GraphModule,
+    graph: fx.Graph,
+    joint_inputs: Sequence[object],
+    min_cut: Any,
+    kwargs: dict[str, Any],
+) -> list[set[fx.Node]]:
+    """What torch's memory-budget partitioner (a knapsack over the saved activations' bytes and estimated runtime)
+    recomputes at each of :data:`_TORCH_LEVELS`, as recompute sets of ``model``.
+
+    They join the greedy passes' prefixes as candidates, priced and simulated by memfit's model like the rest: a
+    budget then never gets a plan the model rates costlier than torch's own knob at the same memory. Each is one more
+    call of torch's partitioner (``gm.graph`` is put back before each)."""
+    sets: list[set[fx.Node]] = []
+    config = _compat.functorch_config()
+    for level in _TORCH_LEVELS:
+        gm.graph = graph
+        try:
+            with config.patch(activation_memory_budget=level):
+                fw_gm, _ = min_cut(gm, joint_inputs, **kwargs)
+        except Exception as exc:  # torch's knapsack is an option, not memfit's plan: go on without it
+            log.debug("torch's partitioner at activation_memory_budget=%s failed: %s", level, exc)
+            continue
+        sets.append(_recomputed_by(model, fw_gm, int(kwargs["num_fwd_outputs"])))
+    gm.graph = graph
+    return sets
+
+
+def _recomputed_by(model: _Model, fw_gm: fx.GraphModule, num_fwd_outputs: int) -> set[fx.Node]:
+    """The recompute set of ``model`` that a partitioned forward stands for: every candidate it does not save (nor
+    the storage of a view it saves).
+
+    torch's partitioner may also run backward ops that read no gradient in the forward and save their results (a
+    weight's transpose, an activation's derivative); memfit's model keeps those ops in the backward, so it saves
+    the forward values they read instead (about the same bytes for a pointwise op)."""
+    fw_by_name = {n.name: n for n in model.fw}
+    unclaimed = {n.name: n for n in model.unclaimed}
+    out = next(n for n in fw_gm.graph.nodes if n.op == "output")
+    saved = [a for a in pytree.tree_leaves(out.args[0]) if isinstance(a, fx.Node)][num_fwd_outputs:]
+    kept = {fw_by_name[a.name] for a in saved if a.name in fw_by_name}
+    stack = [unclaimed[a.name] for a in saved if a.name in unclaimed]
+    seen: set[fx.Node] = set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for a in n.all_input_nodes:
+            if a in model._fw_set:
+                kept.add(a)
+            elif a in model._unclaimed_set:
+                stack.append(a)
+    kept |= {model.owner[n] for n in kept}
+    return {n for n in model.candidates() if n not in kept}
+
+
+def _frontier(
+    model: _Model, start: set[fx.Node], extra: Iterable[set[fx.Node]] = ()
+) -> list[tuple[int, float, set[fx.Node]]]:
     """The Pareto frontier of ``(predicted peak, recompute cost, recompute set)`` over the prefixes of the greedy
-    passes: peaks ascending, costs strictly descending (no point is both higher and costlier than another)."""
+    passes and the ``extra`` recompute sets: peaks ascending, costs strictly descending (no point is both higher
+    and costlier than another)."""
     points: dict[frozenset[fx.Node], tuple[int, float, set[fx.Node]]] = {}
+    for r in extra:
+        r = r | start
+        key = frozenset(r)
+        if key not in points:
+            points[key] = (model.simulate(r)[0], model.recompute_cost(r, start), r)
     for scale in _COST_SCALES:
         cost = (
             model.cost
