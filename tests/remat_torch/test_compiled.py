@@ -378,6 +378,7 @@ def test_addmm_fusion_moves_the_matmul_to_its_add():
     mms = [n for n in nodes if n.target is torch.ops.aten.mm.default]
     assert len(mms) == 2 and list(pairs) == [mms[0]]  # the second matmul has two readers: not fused
     (add,) = pairs.values()
-    reads, adds = _reads_after_fusion(nodes, fused=True)
-    assert adds == {add} and reads[mms[0]] == [] and set(reads[add]) == {*mms[0].all_input_nodes, add.args[1]}
-    assert _reads_after_fusion(nodes, fused=False)[1] == set()
+    reads, fusions = _reads_after_fusion(nodes, fused=True)
+    assert fusions == {mms[0]: add} and reads[mms[0]] == []
+    assert set(reads[add]) == {*mms[0].all_input_nodes, add.args[1]}
+    assert _reads_after_fusion(nodes, fused=False)[1] == {}

@@ -270,16 +270,15 @@ def _addmm_fusions(nodes: Iterable[fx.Node]) -> dict[fx.Node, fx.Node]:
 
 def _reads_after_fusion(
     nodes: Sequence[fx.Node], fused: bool
-) -> tuple[dict[fx.Node, list[fx.Node]], set[fx.Node]]:
-    """Each node's inputs as inductor runs it (a fused matmul's inputs read at its add), and the fused adds."""
+) -> tuple[dict[fx.Node, list[fx.Node]], dict[fx.Node, fx.Node]]:
+    """Each node's inputs as inductor runs it (a fused matmul's inputs read at its add), and the fusions
+    (``{mm: add}``, :func:`_addmm_fusions`; none when ``fused`` is false)."""
     reads = {n: list(n.all_input_nodes) for n in nodes}
-    if not fused:
-        return reads, set()
-    pairs = _addmm_fusions(nodes)
+    pairs = _addmm_fusions(nodes) if fused else {}
     for mm, add in pairs.items():
         reads[add] = [a for a in reads[add] if a is not mm] + reads[mm]
         reads[mm] = []
-    return reads, set(pairs.values())
+    return reads, pairs
 
 
 class _Fusion:
@@ -300,9 +299,11 @@ class _Fusion:
     _READS_ON_REUSE = 2
     _HEAVY_CPU = frozenset({"exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh", "erf"})
 
-    def __init__(self, addmm: set[fx.Node] | frozenset[fx.Node] = frozenset()) -> None:
+    def __init__(self, addmm: Iterable[fx.Node] = (), memo: dict[fx.Node, bool] | None = None) -> None:
         self.rules = _compat.inductor_inline_rules()
-        self.addmm = addmm  # adds that became addmm kernels (_addmm_fusions)
+        self.addmm = set(addmm)  # adds that became addmm kernels (_addmm_fusions)
+        # _fuses_inputs depends on the graph alone: a model keeps one memo for all its runs (same addmm)
+        self._fuses = {} if memo is None else memo
         self._expr: dict[
             Any, tuple[frozenset[Any], bool]
         ] = {}  # an inlined value: (buffers read, transcendental)
@@ -344,6 +345,12 @@ class _Fusion:
     def _fuses_inputs(self, user: fx.Node) -> bool:
         """Whether ``user`` loads its inputs inside its own loops; a view does when all that read it do (an extern
         kernel reading a view of an inlined value realizes the value)."""
+        known = self._fuses.get(user)
+        if known is None:
+            known = self._fuses[user] = self._loads_inline(user)
+        return known
+
+    def _loads_inline(self, user: fx.Node) -> bool:
         if user.op != "call_function" or user in self.addmm:
             return False
         kind = _kind(user)
@@ -431,11 +438,13 @@ class _Model:
             self.fixed.update(u for u in n.users if u.target is operator.getitem)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         # the backward's matmuls inductor fuses into a following add (both backward ops, never recomputed)
-        self.reads, self.addmm = _reads_after_fusion(self.nodes, fused)
-        if self.addmm:
-            fw_touched = {a for add in self.addmm for a in [add, *add.all_input_nodes]} & self._fw_set
-            if fw_touched:  # an add of the forward: leave the graph as it is
-                self.reads, self.addmm = _reads_after_fusion(self.nodes, False)
+        self.reads, self.fused_mm = _reads_after_fusion(self.nodes, fused)
+        if any(a in self._fw_set for add in self.fused_mm.values() for a in [add, *add.all_input_nodes]):
+            self.reads, self.fused_mm = _reads_after_fusion(
+                self.nodes, False
+            )  # an add of the forward: as it is
+        self.addmm = set(self.fused_mm.values())
+        self._fuses_memo: dict[fx.Node, bool] = {}
 
     # -------------------------------------------------------------------------------------------- fusion
     def _materialized(
@@ -448,7 +457,7 @@ class _Model:
     ) -> bool:
         n = key[0]
         kind = self.kind[n]
-        if self.fused and not self.reads[n] and n.all_input_nodes and n not in self.addmm:
+        if n in self.fused_mm:
             return False  # a matmul inductor fuses into the add that reads it: it runs, and writes, there
         if kind == "view":
             fusion.inline(key, inputs)
@@ -490,7 +499,7 @@ class _Model:
         live = 0
         peak = 0
         frees: dict[int, int] = {}
-        fusion = _Fusion(self.addmm)
+        fusion = _Fusion(self.addmm, self._fuses_memo)
         for i, key in enumerate(seq):
             n, again = key
             kept = (n in saved and not again) or n in self.bw_outputs or n in self.fw_outputs
@@ -737,7 +746,8 @@ def _run_peak(
 ) -> tuple[int, int]:
     """``(peak, live at the end)`` of one graph run in order: ``carry`` are inputs that occupy memory until their
     last use, ``keep`` values that live to the end (outputs)."""
-    reads, addmm = _reads_after_fusion(nodes, fused)
+    reads, fused_mm = _reads_after_fusion(nodes, fused)
+    addmm = set(fused_mm.values())
     last: dict[fx.Node, int] = {}
     for i, n in enumerate(nodes):
         for a in reads[n]:
@@ -757,10 +767,10 @@ def _run_peak(
         k = kind[n]
         if k == "view":
             fusion.inline(n, n.all_input_nodes)
-        fused_away = (
-            fused and not reads[n] and bool(n.all_input_nodes) and n not in addmm
-        )  # a matmul run at its add
-        size = _nbytes(n.meta.get("val")) if n.op != "placeholder" and k != "view" and not fused_away else 0
+        # a matmul fused into its add runs, and writes, there
+        size = (
+            _nbytes(n.meta.get("val")) if n.op != "placeholder" and k != "view" and n not in fused_mm else 0
+        )
         if size > 0:
             materialized = (
                 not fused
@@ -1092,11 +1102,14 @@ def _frontier(
     passes and the ``extra`` recompute sets: peaks ascending, costs strictly descending (no point is both higher
     and costlier than another)."""
     points: dict[frozenset[fx.Node], tuple[int, float, set[fx.Node]]] = {}
-    for r in extra:
-        r = r | start
+
+    def add(r: set[fx.Node]) -> None:
         key = frozenset(r)
         if key not in points:
             points[key] = (model.simulate(r)[0], model.recompute_cost(r, start), r)
+
+    for r in extra:
+        add(r | start)
     for scale in _COST_SCALES:
         cost = (
             model.cost
@@ -1107,9 +1120,7 @@ def _frontier(
         for move in model.greedy(start, cost):
             prefixes.append(prefixes[-1] | set(move))
         for r in _sampled(prefixes):
-            key = frozenset(r)
-            if key not in points:
-                points[key] = (model.simulate(r)[0], model.recompute_cost(r, start), r)
+            add(r)
     frontier: list[tuple[int, float, set[fx.Node]]] = []
     for point in sorted(points.values(), key=lambda p: (p[0], p[1])):
         if not frontier or point[1] < frontier[-1][1]:
