@@ -646,6 +646,15 @@ def print_targets(console: Any, checks: list[dict[str, Any]]) -> None:
             console.print(f"      {line}", highlight=False)
 
 
+def report(console: Any, results: dict[str, Any]) -> None:
+    """Print a run's table, notes and target checks; the checks go into ``results["targets"]``."""
+    print_table(console, results["description"], results["configs"])
+    for note in results["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    results["targets"] = check_targets(results["configs"])
+    print_targets(console, results["targets"])
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -778,11 +787,7 @@ def main() -> None:
     if args.report:
         path = Path(args.report)
         results = json.loads(path.read_text())
-        print_table(console, results["description"], results["configs"])
-        for note in results["notes"]:
-            console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-        results["targets"] = check_targets(results["configs"])
-        print_targets(console, results["targets"])
+        report(console, results)
         path.write_text(json.dumps(results, indent=1))
         return
     t0 = time.perf_counter()
@@ -831,11 +836,7 @@ def main() -> None:
     }
     if "eager" not in res["configs"] or not _measured(res["configs"]["eager"]):
         raise SystemExit("eager was not measured: nothing to compare against")
-    print_table(console, description, res["configs"])
-    for note in res["notes"]:
-        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    results["targets"] = check_targets(res["configs"])
-    print_targets(console, results["targets"])
+    report(console, results)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = args.out or ("remat_compiled_quick" if args.quick else "remat_compiled")
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1))
