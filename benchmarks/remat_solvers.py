@@ -160,7 +160,7 @@ def gap_study(
     """
     import statistics
 
-    from memfit.remat.solvers.milp import min_peak_milp
+    from memfit.remat.core.solvers.milp import min_peak_milp
 
     console = Console()
     recs = []

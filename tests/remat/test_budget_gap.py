@@ -5,10 +5,17 @@ import random
 import pytest
 from _oracle import exhaustive, min_feasible_peak
 
-from memfit.remat import graphs, solve
-from memfit.remat.solvers._common import to_schedule
-from memfit.remat.solvers._improve import _Plan, _Stages, seq_cost, seq_peak, stage_min_peak, stage_search
-from memfit.remat.solvers.milp import first_keep_sets
+from memfit.remat.core import graphs, solve
+from memfit.remat.core.solvers._common import to_schedule
+from memfit.remat.core.solvers._improve import (
+    _Plan,
+    _Stages,
+    seq_cost,
+    seq_peak,
+    stage_min_peak,
+    stage_search,
+)
+from memfit.remat.core.solvers.milp import first_keep_sets
 
 
 def _tiny_graphs():

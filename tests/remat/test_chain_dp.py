@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memfit.remat import InfeasibleBudget, graphs, solve
-from memfit.remat.solvers._common import to_schedule
+from memfit.remat.core.solvers._common import to_schedule
 
 
 def _revolve_sequences(g, n):

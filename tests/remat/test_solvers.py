@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memfit.remat import InfeasibleBudget, graphs, solve
-from memfit.remat.solvers.milp import min_peak_milp
+from memfit.remat.core.solvers.milp import min_peak_milp
 
 step_graphs = st.builds(
     graphs.training_step,

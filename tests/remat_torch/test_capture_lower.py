@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from memfit.memory import track
 from memfit.remat import UnsupportedGraph, capture, lower, solve
-from memfit.remat._capture import module_tensors
+from memfit.remat.eager.capture import module_tensors
 
 from ._schedules import evicting_schedule
 from .models import cnn, image_batch, mlp, vector_batch, xent
@@ -205,7 +205,7 @@ from pathlib import Path
 import torch
 from torch import nn
 import memfit.remat
-from memfit.remat._capture import _calibrate
+from memfit.remat.eager.capture import _calibrate
 
 def kib(field):
     return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))

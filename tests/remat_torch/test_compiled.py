@@ -274,7 +274,7 @@ def test_calibrate_measures_positive_rates_once_per_process():
 
 def _capture_frontier(monkeypatch, name, budget):
     """Run one aot_eager compile and keep what ``_frontier`` was given and returned."""
-    from memfit.remat import _inductor
+    from memfit.remat.compiled import backend as _inductor
 
     seen = {}
     real = _inductor._frontier
@@ -293,7 +293,7 @@ def _capture_frontier(monkeypatch, name, budget):
 def test_frontier_is_pareto_over_every_greedy_prefix(monkeypatch):
     """Peaks rise as costs fall along the frontier, each point's figures are the simulator's, and no prefix of any
     greedy pass (recomputed here independently) is both lower and cheaper than a frontier point."""
-    from memfit.remat import _inductor
+    from memfit.remat.compiled import backend as _inductor
 
     model, start, frontier, torch_sets = _capture_frontier(monkeypatch, "mini-gpt", 0.8)
     assert len(frontier) >= 3
@@ -323,7 +323,7 @@ def test_fallback_attempts_partition_anew(monkeypatch):
     torch's partitioner replaces ``gm.graph`` with a CSE'd copy on every call; tags written on the old copy would
     be ignored and every attempt would return the first one's graphs.
     """
-    from memfit.remat import _inductor
+    from memfit.remat.compiled import backend as _inductor
 
     saved = []
     real = _inductor._graph_peak
@@ -348,7 +348,7 @@ def test_partitioner_pickles_to_its_id_for_inductors_cache_key():
     to the same bytes every time, or every compile bypasses the cache."""
     import pickle
 
-    from memfit.remat import _inductor
+    from memfit.remat.compiled import backend as _inductor
 
     a = _inductor._make_partitioner(memfit.remat.backend(budget=0.5))
     b = _inductor._make_partitioner(memfit.remat.backend(budget=0.2))
@@ -362,7 +362,7 @@ def test_addmm_fusion_moves_the_matmul_to_its_add():
     another reader stays."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from memfit.remat._inductor import _addmm_fusions, _reads_after_fusion
+    from memfit.remat.compiled.backend import _addmm_fusions, _reads_after_fusion
 
     def f(a, b, c, d):
         m = torch.mm(a, b)

@@ -1,7 +1,10 @@
 """Rematerialization: graphs of values, schedules that recompute instead of keep, and solvers.
 
-Torch-free core (pure Python + numpy/scipy/networkx). Build a :class:`Graph`, call :func:`solve`
-with a byte budget, get a :class:`Schedule` of ``compute``/``free`` events whose simulated peak
+Layout (see ``docs/architecture.md``): ``core/`` is the torch-free core (pure Python + numpy/scipy/networkx:
+graph, schedule, solvers); ``eager/`` captures a training step and runs a schedule as an fx graph;
+``compiled/`` hands the solver's choice to ``torch.compile`` (AOTAutograd's partition step).
+
+The core: build a :class:`Graph`, call :func:`solve` with a byte budget, get a :class:`Schedule` of ``compute``/``free`` events whose simulated peak
 fits the budget::
 
     g = memfit.remat.graphs.chain(64)
@@ -13,11 +16,17 @@ Solvers: ``noremat``, ``checkpoint`` (sqrt(n) segments), ``twremat`` (Kumar et a
 See ``docs/remat.md``.
 """
 
-from memfit.remat import graphs
-from memfit.remat._errors import GraphError, InfeasibleBudget, ScheduleError
-from memfit.remat._graph import Graph
-from memfit.remat._schedule import Schedule, Simulation
-from memfit.remat._solve import METHODS, solve
+from memfit.remat.core import (
+    METHODS,
+    Graph,
+    GraphError,
+    InfeasibleBudget,
+    Schedule,
+    ScheduleError,
+    Simulation,
+    graphs,
+    solve,
+)
 
 __all__ = [
     "METHODS",
@@ -34,18 +43,18 @@ __all__ = [
 # The PyTorch front end (capture a model's training step, lower a schedule to fx, run it) imports torch, so it
 # is loaded on first use: the solvers above stay importable without torch.
 _TORCH_API = {
-    "compile": "memfit.remat._api",
-    "RematStep": "memfit.remat._api",
-    "RematPlan": "memfit.remat._api",
-    "capture": "memfit.remat._capture",
-    "CapturedStep": "memfit.remat._capture",
-    "UnsupportedGraph": "memfit.remat._capture",
-    "Rates": "memfit.remat._capture",
-    "calibrate": "memfit.remat._capture",
-    "lower": "memfit.remat._lower",
-    "backend": "memfit.remat._inductor",
-    "MemfitBackend": "memfit.remat._inductor",
-    "CompiledPlan": "memfit.remat._inductor",
+    "compile": "memfit.remat.eager.step",
+    "RematStep": "memfit.remat.eager.step",
+    "RematPlan": "memfit.remat.eager.step",
+    "capture": "memfit.remat.eager.capture",
+    "CapturedStep": "memfit.remat.eager.capture",
+    "UnsupportedGraph": "memfit.remat.eager.capture",
+    "Rates": "memfit.remat.eager.capture",
+    "calibrate": "memfit.remat.eager.capture",
+    "lower": "memfit.remat.eager.lower",
+    "backend": "memfit.remat.compiled.backend",
+    "MemfitBackend": "memfit.remat.compiled.backend",
+    "CompiledPlan": "memfit.remat.compiled.backend",
 }
 __all__ += list(_TORCH_API)
 

@@ -57,7 +57,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import CheckpointPolicy
 
 from memfit import _compat
-from memfit.remat._capture import Rates, _alias_arg, _calibrate, _flops
+from memfit.remat.eager.capture import Rates, _alias_arg, _calibrate, _flops
 
 __all__ = ["CompiledPlan", "MemfitBackend", "backend"]
 
@@ -1131,7 +1131,7 @@ def _frontier(
 @functools.cache
 def _source_hash() -> str:
     """A hash of the sources that make memfit's choice (this module and the cost model's)."""
-    from memfit.remat import _capture
+    from memfit.remat.eager import capture as _capture
 
     h = hashlib.sha256()
     for path in (__file__, _capture.__file__):

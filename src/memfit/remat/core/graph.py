@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from memfit.remat._errors import GraphError
+from memfit.remat.core.errors import GraphError
 
 __all__ = ["Graph"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from memfit.remat._graph import Graph
+from memfit.remat.core.graph import Graph
 
 __all__ = ["chain", "residual_ladder", "training_step"]
 

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from memfit.remat._errors import ScheduleError
-from memfit.remat._graph import Graph
+from memfit.remat.core.errors import ScheduleError
+from memfit.remat.core.graph import Graph
 
 __all__ = ["Event", "Schedule", "Simulation"]
 

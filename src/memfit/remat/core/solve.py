@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from memfit.remat._errors import InfeasibleBudget
-from memfit.remat._graph import Graph
-from memfit.remat._schedule import Schedule
-from memfit.remat.solvers._common import resolve_budget
+from memfit.remat.core.errors import InfeasibleBudget
+from memfit.remat.core.graph import Graph
+from memfit.remat.core.schedule import Schedule
+from memfit.remat.core.solvers._common import resolve_budget
 
 __all__ = ["METHODS", "solve"]
 
@@ -59,28 +59,28 @@ def solve(g: Graph, budget: int | float | None = None, method: Method = "budget"
 def _dispatch(g: Graph, b: int | None, method: str, options: dict[str, Any]) -> Schedule:
     s: Schedule
     if method == "noremat":
-        from memfit.remat.solvers.noremat import solve_noremat
+        from memfit.remat.core.solvers.noremat import solve_noremat
 
         _no_options(method, options)
         s = solve_noremat(g, b)
     elif method == "milp":
-        from memfit.remat.solvers.milp import solve_milp
+        from memfit.remat.core.solvers.milp import solve_milp
 
         s = solve_milp(g, b, **options)
     elif method == "checkpoint":
-        from memfit.remat.solvers.checkpoint import solve_checkpoint
+        from memfit.remat.core.solvers.checkpoint import solve_checkpoint
 
         s = solve_checkpoint(g, b, **options)
     elif method == "twremat":
-        from memfit.remat.solvers.twremat import solve_twremat
+        from memfit.remat.core.solvers.twremat import solve_twremat
 
         s = solve_twremat(g, b, **options)
     elif method == "dtr":
-        from memfit.remat.solvers.dtr import solve_dtr
+        from memfit.remat.core.solvers.dtr import solve_dtr
 
         s = solve_dtr(g, b, **options)
     else:
-        from memfit.remat.solvers.budget import solve_budget
+        from memfit.remat.core.solvers.budget import solve_budget
 
         s = solve_budget(g, b, **options)
     return s

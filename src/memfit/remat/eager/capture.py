@@ -11,7 +11,7 @@ that graph becomes a node of a framework-free :class:`~memfit.remat.Graph`:
   schedule can never free a base while one of its views is still needed;
 - an op with several outputs (``native_layer_norm``, ``native_dropout``, ``convolution_backward``...) becomes one
   node per used output, each depending on the op's arguments; the lowering runs the op once for siblings that
-  are computed together (see :mod:`memfit.remat._lower`);
+  are computed together (see :mod:`memfit.remat.eager.lower`);
 - random ops (``Tag.nondeterministic_seeded``, e.g. dropout) and ops with side effects are not recomputable.
 
 Costs are seconds, estimated per node from FLOPs (``torch.utils.flop_counter``'s formulas) plus bytes moved,
@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import flop_registry
 
 from memfit import _compat
-from memfit.remat._graph import Graph
+from memfit.remat.core.graph import Graph
 
 CostModel = Literal["flops", "profile"]
 

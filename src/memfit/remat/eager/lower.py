@@ -25,8 +25,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from memfit.remat._capture import CapturedStep, _key
-from memfit.remat._schedule import Schedule
+from memfit.remat.core.schedule import Schedule
+from memfit.remat.eager.capture import CapturedStep, _key
 
 __all__ = ["lower"]
 

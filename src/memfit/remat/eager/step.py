@@ -4,8 +4,8 @@
     loss = step(batch)        # forward + backward under the schedule; gradients accumulate into p.grad
     optimizer.step()
 
-The step is captured once per batch shape (:mod:`memfit.remat._capture`), scheduled by a solver of
-:func:`memfit.remat.solve` under the budget, and lowered to an fx module (:mod:`memfit.remat._lower`).
+The step is captured once per batch shape (:mod:`memfit.remat.eager.capture`), scheduled by a solver of
+:func:`memfit.remat.solve` under the budget, and lowered to an fx module (:mod:`memfit.remat.eager.lower`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memfit.remat._capture import CapturedStep, CostModel, capture, flatten_batch, module_tensors
-from memfit.remat._errors import InfeasibleBudget
-from memfit.remat._lower import lower
-from memfit.remat._schedule import Schedule
-from memfit.remat._solve import Method
+from memfit.remat.core.errors import InfeasibleBudget
+from memfit.remat.core.schedule import Schedule
+from memfit.remat.core.solve import Method
+from memfit.remat.eager.capture import CapturedStep, CostModel, capture, flatten_batch, module_tensors
+from memfit.remat.eager.lower import lower
 
 __all__ = ["RematPlan", "RematStep", "compile"]
 
@@ -173,7 +173,7 @@ class RematStep:
         return self._last
 
     def _compile(self, flat: list[torch.Tensor], spec: Any) -> _Compiled:
-        from memfit.remat import solve  # the solver registry lives in the package root
+        from memfit.remat.core import solve
 
         key = _shape_key(flat, spec)
         if key not in self._captures:

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from memfit.remat._graph import Graph
-from memfit.remat._schedule import Event, Schedule
+from memfit.remat.core.graph import Graph
+from memfit.remat.core.schedule import Event, Schedule
 
 __all__ = [
     "check_compute_sequence",

@@ -12,7 +12,7 @@ whatever is resident). Two ways to measure distance:
 
 The recompute cost of ``v`` is its own cost plus that of its deps that are not resident (one level
 of DTR's "evicted neighbourhood"). The output is a compute sequence: frees go where
-:func:`memfit.remat.solvers._common.to_schedule` puts them, which never holds more than this
+:func:`memfit.remat.core.solvers._common.to_schedule` puts them, which never holds more than this
 simulation held, so the schedule's peak is at most the budget.
 """
 
@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.sparse import csr_matrix
 
-from memfit.remat._graph import Graph
+from memfit.remat.core.graph import Graph
 
 __all__ = ["evict_run"]
 

@@ -1,7 +1,7 @@
 """Improve a compute sequence under a budget without breaking it.
 
 Two moves, both of which keep the sequence valid (every read finds its value, see
-:func:`memfit.remat.solvers._common.free_points`):
+:func:`memfit.remat.core.solvers._common.free_points`):
 
 - drop a *useless* compute: a copy that nothing reads before it is freed and that is not the final
   copy of an output (saves its cost and its memory);
@@ -27,8 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from memfit.remat._graph import Graph
-from memfit.remat.solvers._common import free_points, profile
+from memfit.remat.core.graph import Graph
+from memfit.remat.core.solvers._common import free_points, profile
 
 __all__ = ["drop_useless", "improve", "stage_min_peak", "stage_search"]
 
@@ -431,7 +431,7 @@ def stage_search(
         evals: phase-2 moves with a single start (``evals / _ROUNDS`` more per extra start).
         starts: keep-sets to start from (``start[t]``: bitmask over positions in ``g.needed()``
             of the values resident when stage ``t`` starts, e.g. a MILP solution's ``S``, see
-            :func:`memfit.remat.solvers.milp.first_keep_sets`); default: the no-remat schedule's.
+            :func:`memfit.remat.core.solvers.milp.first_keep_sets`); default: the no-remat schedule's.
         attempts: phase 1 anneals per start.
         seed: seeds the moves; the result is deterministic unless ``deadline`` cuts the run short.
         deadline: a :func:`time.perf_counter` value.

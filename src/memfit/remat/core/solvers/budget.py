@@ -34,12 +34,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from memfit.remat._errors import InfeasibleBudget
-from memfit.remat._graph import Graph
-from memfit.remat._schedule import Schedule
-from memfit.remat.solvers._common import lower_bound, noremat_order, to_schedule
-from memfit.remat.solvers._evict import evict_run
-from memfit.remat.solvers._improve import improve, seq_cost, seq_peak, stage_min_peak, stage_search
+from memfit.remat.core.errors import InfeasibleBudget
+from memfit.remat.core.graph import Graph
+from memfit.remat.core.schedule import Schedule
+from memfit.remat.core.solvers._common import lower_bound, noremat_order, to_schedule
+from memfit.remat.core.solvers._evict import evict_run
+from memfit.remat.core.solvers._improve import improve, seq_cost, seq_peak, stage_min_peak, stage_search
 
 __all__ = ["min_peak_budget", "solve_budget"]
 
@@ -55,14 +55,14 @@ def _structured_candidates(g: Graph, budget: int, deadline: float) -> list[tuple
     """Checkpoint segmentations and TwRemat depths, as compute sequences (whether or not they fit)."""
     out: list[tuple[str, list[int]]] = []
     try:
-        from memfit.remat.solvers.checkpoint import checkpoint_sequences
+        from memfit.remat.core.solvers.checkpoint import checkpoint_sequences
 
         out += checkpoint_sequences(g)
     except ImportError:  # pragma: no cover - during development only
         pass
     if time.perf_counter() < deadline and len(g) <= 1500:  # tree decompositions get slow
         try:
-            from memfit.remat.solvers.twremat import twremat_sequences
+            from memfit.remat.core.solvers.twremat import twremat_sequences
 
             out += twremat_sequences(g, deadline=deadline)
         except ImportError:  # pragma: no cover
@@ -139,7 +139,7 @@ def solve_budget(
     offer("evict(keep outputs)", evict_run(g, budget, alpha=1.0, keep=outs))
     if structured:
         # on chains, the optimal revolve/rotor DP (cheap: O(P^3 U) with P <= 64 split points here)
-        from memfit.remat.solvers.chain_dp import chain_dp_sequence
+        from memfit.remat.core.solvers.chain_dp import chain_dp_sequence
 
         offer("chain-dp", chain_dp_sequence(g, budget, max_points=64 if len(g) > 1000 else 128))
     if structured and (best is None or len(g) <= 300):
@@ -187,7 +187,7 @@ def _stage_sequence(g: Graph, budget: int, evals: int, deadline: float) -> list[
     """Annealing over Checkmate's keep-sets (:func:`._improve.stage_search`) from the no-remat
     schedule; if it gets nowhere under the budget, once more from the first schedule within the
     budget that HiGHS finds for the MILP (:func:`.milp.first_keep_sets`)."""
-    from memfit.remat.solvers.milp import first_keep_sets
+    from memfit.remat.core.solvers.milp import first_keep_sets
 
     if budget < lower_bound(g):
         return None  # nothing fits
@@ -204,7 +204,7 @@ def _exact_sequence(g: Graph, budget: int, time_limit: float) -> list[int] | Non
     """The MILP's best compute sequence within ``time_limit`` seconds, or ``None`` (no incumbent)."""
     import numpy as np
 
-    from memfit.remat.solvers.milp import _run
+    from memfit.remat.core.solvers.milp import _run
 
     if time_limit <= 0.05:
         return None

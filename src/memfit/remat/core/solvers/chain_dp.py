@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memfit.remat._graph import Graph
-from memfit.remat.solvers._common import compute_once
-from memfit.remat.solvers._improve import drop_useless, seq_peak
+from memfit.remat.core.graph import Graph
+from memfit.remat.core.solvers._common import compute_once
+from memfit.remat.core.solvers._improve import drop_useless, seq_peak
 
 __all__ = ["ChainView", "as_chain", "chain_dp_sequence"]
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 
-from memfit.remat._errors import InfeasibleBudget
-from memfit.remat._graph import Graph
-from memfit.remat._schedule import Schedule
-from memfit.remat.solvers._common import compute_once, noremat_order, to_schedule
-from memfit.remat.solvers._improve import drop_useless, seq_cost, seq_peak
+from memfit.remat.core.errors import InfeasibleBudget
+from memfit.remat.core.graph import Graph
+from memfit.remat.core.schedule import Schedule
+from memfit.remat.core.solvers._common import compute_once, noremat_order, to_schedule
+from memfit.remat.core.solvers._improve import drop_useless, seq_cost, seq_peak
 
 __all__ = ["checkpoint_sequence", "checkpoint_sequences", "solve_checkpoint"]
 
@@ -117,7 +117,7 @@ def checkpoint_sequences(g: Graph) -> list[tuple[str, list[int]]]:
 
 def _dp_min_peak(g: Graph, lo: int, hi: int) -> int:
     """Smallest budget in ``(lo, hi]`` at which the chain DP finds a schedule (bisection)."""
-    from memfit.remat.solvers.chain_dp import chain_dp_sequence
+    from memfit.remat.core.solvers.chain_dp import chain_dp_sequence
 
     if chain_dp_sequence(g, hi) is None:
         return hi  # not reached in practice: store-all fits the no-remat peak
@@ -148,7 +148,7 @@ def solve_checkpoint(
         InfeasibleBudget: nothing fits (``min_peak`` is the lowest peak reached).
         ValueError: an unknown strategy, ``"dp"`` on a graph that is not a chain or without a budget.
     """
-    from memfit.remat.solvers.chain_dp import as_chain, chain_dp_sequence
+    from memfit.remat.core.solvers.chain_dp import as_chain, chain_dp_sequence
 
     if strategy not in ("auto", "sqrt", "dp"):
         raise ValueError(f"checkpoint strategy must be 'auto', 'sqrt' or 'dp', got {strategy!r}")
@@ -160,7 +160,7 @@ def solve_checkpoint(
     if strategy == "dp" and as_chain(g) is None:
         raise ValueError(
             "checkpoint strategy='dp' needs a chain: a forward path whose backward reads one forward "
-            "value per node, stage by stage (see memfit.remat.solvers.chain_dp); use strategy='sqrt'"
+            "value per node, stage by stage (see memfit.remat.core.solvers.chain_dp); use strategy='sqrt'"
         )
     seqs: list[tuple[str, list[int]]] = []
     if use_dp and as_chain(g) is not None:

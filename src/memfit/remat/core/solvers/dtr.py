@@ -8,12 +8,12 @@ solver uses (:mod:`._evict`), with staleness in place of the distance to the nex
 
 from __future__ import annotations
 
-from memfit.remat._errors import InfeasibleBudget
-from memfit.remat._graph import Graph
-from memfit.remat._schedule import Schedule
-from memfit.remat.solvers._common import noremat_order, to_schedule
-from memfit.remat.solvers._evict import evict_run
-from memfit.remat.solvers._improve import seq_peak
+from memfit.remat.core.errors import InfeasibleBudget
+from memfit.remat.core.graph import Graph
+from memfit.remat.core.schedule import Schedule
+from memfit.remat.core.solvers._common import noremat_order, to_schedule
+from memfit.remat.core.solvers._evict import evict_run
+from memfit.remat.core.solvers._improve import seq_peak
 
 __all__ = ["solve_dtr"]
 

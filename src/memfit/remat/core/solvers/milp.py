@@ -36,10 +36,10 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, OptimizeWarning, milp
 from scipy.sparse import coo_matrix
 
-from memfit.remat._errors import InfeasibleBudget
-from memfit.remat._graph import Graph
-from memfit.remat._schedule import Schedule
-from memfit.remat.solvers._common import noremat_order, to_schedule
+from memfit.remat.core.errors import InfeasibleBudget
+from memfit.remat.core.graph import Graph
+from memfit.remat.core.schedule import Schedule
+from memfit.remat.core.solvers._common import noremat_order, to_schedule
 
 __all__ = ["solve_milp"]
 
@@ -189,7 +189,7 @@ def first_keep_sets(g: Graph, budget: int, *, time_limit: float = 5.0) -> list[i
     within a fraction of a second even where proving optimality takes minutes; a HiGHS without the
     option runs to ``time_limit`` and its best schedule is taken. ``keep[t]`` is the ``S`` row of
     stage ``t`` as a bitmask over positions in ``g.needed()`` -- a start for
-    :func:`memfit.remat.solvers._improve.stage_search`. ``None`` when nothing was found within
+    :func:`memfit.remat.core.solvers._improve.stage_search`. ``None`` when nothing was found within
     ``time_limit`` seconds (the formulation may be infeasible: HiGHS rarely proves that quickly).
     """
     bld = _Builder(g)

@@ -6,10 +6,10 @@ least once), and its peak is the reference a fractional budget is measured again
 
 from __future__ import annotations
 
-from memfit.remat._errors import InfeasibleBudget
-from memfit.remat._graph import Graph
-from memfit.remat._schedule import Schedule
-from memfit.remat.solvers._common import noremat_order, to_schedule
+from memfit.remat.core.errors import InfeasibleBudget
+from memfit.remat.core.graph import Graph
+from memfit.remat.core.schedule import Schedule
+from memfit.remat.core.solvers._common import noremat_order, to_schedule
 
 __all__ = ["solve_noremat"]
 

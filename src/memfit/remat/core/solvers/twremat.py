@@ -15,7 +15,7 @@ Let ``(X_b)`` be a tree decomposition of the (undirected) graph of needed non-in
 Every level holds one bag (``k + 1`` values) and the recursion depth is ``O(log n)``, so the peak is
 ``O(k log n)`` values (the paper's bound) while each node is recomputed at most ``n^{O(log k)}``
 times. ``depth=0`` is the no-remat order. Frees go after each value's last read
-(:func:`memfit.remat.solvers._common.to_schedule`).
+(:func:`memfit.remat.core.solvers._common.to_schedule`).
 
 References:
     R. Kumar, M. Purohit, Z. Svitkina, E. Vee, J. Wang, "Efficient Rematerialization for Deep
@@ -29,11 +29,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from memfit.remat._errors import InfeasibleBudget
-from memfit.remat._graph import Graph
-from memfit.remat._schedule import Schedule
-from memfit.remat.solvers._common import compute_once, to_schedule
-from memfit.remat.solvers._improve import drop_useless, seq_peak
+from memfit.remat.core.errors import InfeasibleBudget
+from memfit.remat.core.graph import Graph
+from memfit.remat.core.schedule import Schedule
+from memfit.remat.core.solvers._common import compute_once, to_schedule
+from memfit.remat.core.solvers._improve import drop_useless, seq_peak
 
 __all__ = ["solve_twremat", "twremat_sequence", "twremat_sequences"]
 
