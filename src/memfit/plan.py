@@ -67,17 +67,21 @@ def make_optimizer(name: str, params: Any, lr: float | None = None, **kwargs: An
         ValueError: an unknown name (the message lists the known ones).
     """
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr or 1e-3, **kwargs)
+        return torch.optim.Adam(params, lr=1e-3 if lr is None else lr, **kwargs)
     if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr or 1e-2, **kwargs)
+        return torch.optim.Adagrad(params, lr=1e-2 if lr is None else lr, **kwargs)
     if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=lr or 1e-2, **kwargs)
+        return torch.optim.Adafactor(params, lr=1e-2 if lr is None else lr, **kwargs)
     if name == "sm3":
-        return SM3(params, lr=lr or 0.1, **{"momentum": 0.0, **kwargs})
+        return SM3(params, lr=0.1 if lr is None else lr, **{"momentum": 0.0, **kwargs})
     if name == "sm3-bf16":
-        return SM3(params, lr=lr or 0.1, **{"momentum": 0.9, "momentum_dtype": torch.bfloat16, **kwargs})
+        return SM3(
+            params,
+            lr=0.1 if lr is None else lr,
+            **{"momentum": 0.9, "momentum_dtype": torch.bfloat16, **kwargs},
+        )
     if name == "countsketch":
-        return CountSketchAdam(params, lr=lr or 1e-3, **kwargs)
+        return CountSketchAdam(params, lr=1e-3 if lr is None else lr, **kwargs)
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
 
 
