@@ -147,3 +147,20 @@ def test_config_file_unknown_keys_and_saved_resolved_config(tmp_path):
         load_config(bad)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         TrainConfig(optimizer="lion")
+
+
+def test_remat_compile_leaves_the_global_rng_alone():
+    """Capturing draws random numbers (tracing, calibration); compile must not shift the user's stream, or a
+    resumed run (which restores the RNG state, then compiles) would diverge from an uninterrupted one."""
+    import torch
+
+    from memfit import remat
+    from memfit.models import get_model
+
+    spec = get_model("tiny")
+    torch.manual_seed(0)
+    model = spec.build()
+    example = TextDataset.from_file().batch("train", 0, 2, 16, seed=0)
+    before = torch.get_rng_state()
+    remat.compile(model, spec.loss_fn, example, budget=1.0)
+    assert torch.equal(torch.get_rng_state(), before)

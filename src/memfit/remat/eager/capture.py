@@ -307,12 +307,29 @@ def capture(
         raise ValueError(f"cost must be 'flops' or 'profile', got {cost!r}")
     t0 = time.perf_counter()
     flat, spec = flatten_batch(example_batch)
+    # tracing and calibration draw random numbers: fork the RNG so that capturing (e.g. by memfit.remat.compile
+    # right after a resumed run restored its RNG state) does not shift the user's random stream
+    cuda = sorted({t.device.index or 0 for t in flat if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        return _capture(model, loss_fn, flat, spec, cost, t0)
+
+
+def _capture(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    flat: list[torch.Tensor],
+    spec: Any,
+    cost: CostModel,
+    t0: float,
+) -> CapturedStep:
     wrapper = _LossModule(model, loss_fn)
     wrapper.batch_spec = spec
     try:
         # fake inputs: the trace then runs on fake tensors throughout (with real ones it allocates real activations)
         fake_mode = _compat.fake_tensor_mode()
-        gm, sig = _compat.aot_export_joint(wrapper, tuple(fake_mode.from_tensor(t) for t in flat))
+        # as torch.compile/export do: libraries then take their trace-friendly branches (HF's masks, MoE experts)
+        with _compat.compiling_state():
+            gm, sig = _compat.aot_export_joint(wrapper, tuple(fake_mode.from_tensor(t) for t in flat))
     except (UnsupportedGraph, ValueError, TypeError):
         raise
     except Exception as exc:  # the tracer's own errors are many and private: name the cause, keep the chain
