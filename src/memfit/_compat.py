@@ -28,6 +28,7 @@ __all__ = [
     "TorchDispatchMode",
     "aot_eager_backend",
     "aot_export_joint",
+    "compiling_state",
     "eager_backward_compile",
     "fake_tensor_mode",
     "inductor_partitioning",
@@ -38,7 +39,19 @@ __all__ = [
     "mem_tracker_class",
     "no_python_dispatch",
     "op_returns_alias",
+    "post_accumulate_grad_hooks",
 ]
+
+
+def post_accumulate_grad_hooks(t: torch.Tensor) -> list[Any]:
+    """The hooks ``Tensor.register_post_accumulate_grad_hook`` registered on ``t``, in registration order.
+
+    torch/_tensor.py keeps them in ``t._post_accumulate_grad_hooks`` (an ordered dict; ``None`` before the first
+    one); autograd's AccumulateGrad calls each with ``t`` after adding the gradient into ``t.grad``. memfit's eager
+    remat step calls them the same way (:mod:`memfit.remat.eager.updates`).
+    """
+    hooks = getattr(t, "_post_accumulate_grad_hooks", None)
+    return list(hooks.values()) if hooks else []
 
 
 def op_returns_alias(func: torch._ops.OpOverload) -> tuple[bool, bool]:
@@ -327,3 +340,34 @@ def functorch_config() -> Any:
     from torch._functorch import config
 
     return config
+
+
+def compiling_state() -> Any:
+    """A context under which ``torch.compiler.is_compiling()`` and ``torch.compiler.is_exporting()`` are true, as
+    during non-strict ``torch.export`` (``torch._export.utils._compiling_state_context``, which sets
+    ``torch.compiler._is_compiling_flag`` and ``_is_exporting_flag``).
+
+    Libraries take their trace-friendly branches under it: HF transformers' masking code skips the data-dependent
+    ``padding_mask.all()`` shortcut, its MoE layers fall back from ``grouped_mm`` where its fake kernel demands bf16.
+    Where this torch has no such context, the two flags are set directly (and restored).
+    """
+    import contextlib
+
+    try:
+        from torch._export.utils import _compiling_state_context
+    except ImportError:
+        _compiling_state_context = None
+    if _compiling_state_context is not None:
+        return _compiling_state_context()
+
+    @contextlib.contextmanager
+    def flags() -> Any:
+        compiler: Any = torch.compiler
+        old = (compiler._is_compiling_flag, compiler._is_exporting_flag)
+        try:
+            compiler._is_compiling_flag = compiler._is_exporting_flag = True
+            yield
+        finally:
+            compiler._is_compiling_flag, compiler._is_exporting_flag = old
+
+    return flags()

@@ -18,7 +18,7 @@ Three details keep the measured memory at or below the schedule's prediction:
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -50,17 +50,28 @@ def _seeded(target: Callable[..., Any], position: int) -> Callable[..., Any]:
     return random_op
 
 
-def lower(captured: CapturedStep, schedule: Schedule) -> fx.GraphModule:
+def _run_update(on_gradient: Callable[[str, torch.Tensor], None], name: str, grad: torch.Tensor) -> None:
+    on_gradient(name, grad)
+
+
+def lower(
+    captured: CapturedStep, schedule: Schedule, updates: Mapping[int, str] | None = None
+) -> fx.GraphModule:
     """Build the fx module that runs ``schedule``.
 
     Args:
         captured: the captured step whose graph was scheduled.
-        schedule: a valid schedule of ``captured.graph``.
+        schedule: a valid schedule of ``captured.graph``, or of the graph
+            :func:`memfit.remat.eager.updates.sink_gradients` made from it.
+        updates: update node id -> parameter name (from ``sink_gradients``): each update event calls
+            ``on_gradient(name, grad)``, and that gradient's output is ``None``.
 
     Returns:
-        ``gm(*params, *buffers, *flat_batch[, seed]) -> outputs`` in the captured graph's output order; ``seed`` (an
-        int) is an argument only when the step has random ops.
+        ``gm(*params, *buffers, *flat_batch[, seed][, on_gradient]) -> outputs`` in the captured graph's output
+        order; ``seed`` (an int) is an argument only when the step has random ops, ``on_gradient`` only with
+        ``updates``.
     """
+    updates = updates or {}
     refs = captured.refs
     events = list(schedule.events)
     new = fx.Graph()
@@ -75,6 +86,7 @@ def lower(captured: CapturedStep, schedule: Schedule) -> fx.GraphModule:
         elif n.op == "get_attr":
             env[captured.id_of[n]] = new.get_attr(str(n.target))
     seed = new.placeholder("rng_seed") if captured.n_random else None
+    on_gradient = new.placeholder("on_gradient") if updates else None
 
     views_of: dict[int, list[int]] = {}
     siblings: dict[fx.Node, list[int]] = {}
@@ -151,12 +163,15 @@ def lower(captured: CapturedStep, schedule: Schedule) -> fx.GraphModule:
         return taken
 
     for i, (kind, v) in enumerate(events):
-        if kind == "compute":
+        if kind == "compute" and v in updates:
+            new.call_function(_run_update, (on_gradient, updates[v], current(schedule.graph.deps(v)[0])))
+        elif kind == "compute":
             emit(v, i)
         else:
             env.pop(v, None)
             for w in views_of.get(v, ()):
                 env.pop(w, None)
-    new.output(tuple(current(g) for g in captured.output_ids))
+    consumed = {captured.grad_outputs[name] for name in updates.values()}
+    new.output(tuple(None if k in consumed else current(g) for k, g in enumerate(captured.output_ids)))
     new.lint()
     return fx.GraphModule(captured.gm, new)

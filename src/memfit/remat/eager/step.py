@@ -18,11 +18,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from memfit import _compat
 from memfit.remat.core.errors import InfeasibleBudget
 from memfit.remat.core.schedule import Schedule
 from memfit.remat.core.solve import Method
 from memfit.remat.eager.capture import CapturedStep, CostModel, capture, flatten_batch, module_tensors
 from memfit.remat.eager.lower import lower
+from memfit.remat.eager.updates import place_updates, sink_gradients
 
 __all__ = ["RematPlan", "RematStep", "compile"]
 
@@ -87,6 +89,7 @@ class _Compiled:
     schedule: Schedule
     gm: fx.GraphModule
     plan: RematPlan
+    updates: dict[int, str]  # update node id -> parameter name (gradients consumed in the schedule)
 
 
 def _shape_key(flat: list[torch.Tensor], spec: Any) -> tuple[Any, ...]:
@@ -99,6 +102,11 @@ class RematStep:
     Call it with a batch: it returns the loss (detached) and accumulates gradients into ``p.grad`` exactly like
     ``loss.backward()``; buffers the forward updates (BatchNorm running statistics) are updated once. A batch of a
     new shape is captured and scheduled anew (cached per shape).
+
+    Post-accumulate-grad hooks (``Tensor.register_post_accumulate_grad_hook``) run as under ``loss.backward()``:
+    right after the parameter's gradient is computed and added into ``p.grad``, inside the schedule. The solver
+    then counts such a gradient as consumed there (see :mod:`memfit.remat.eager.updates`), not as held to the
+    end: the plan assumes the hook frees ``p.grad`` (as :func:`memfit.optim.step_in_backward` does).
     """
 
     def __init__(
@@ -165,14 +173,23 @@ class RematStep:
         flat, spec = flatten_batch(batch)
         return self._compiled(flat, spec).plan
 
+    def _hooked(self) -> frozenset[str]:
+        """Graph names of the parameters with post-accumulate-grad hooks (their gradients are consumed)."""
+        return frozenset(
+            "model." + n
+            for n, p in self.model.named_parameters(remove_duplicate=False)
+            if _compat.post_accumulate_grad_hooks(p)
+        )
+
     def _compiled(self, flat: list[torch.Tensor], spec: Any) -> _Compiled:
-        key = _shape_key(flat, spec)
+        hooked = self._hooked()
+        key = (*_shape_key(flat, spec), hooked)
         if key not in self._cache:
-            self._cache[key] = self._compile(flat, spec)
+            self._cache[key] = self._compile(flat, spec, hooked)
         self._last = self._cache[key]
         return self._last
 
-    def _compile(self, flat: list[torch.Tensor], spec: Any) -> _Compiled:
+    def _compile(self, flat: list[torch.Tensor], spec: Any, hooked: frozenset[str] = frozenset()) -> _Compiled:
         from memfit.remat.core import solve
 
         key = _shape_key(flat, spec)
@@ -181,8 +198,13 @@ class RematStep:
             self._captures[key] = capture(self.model, self.loss_fn, batch, cost=self.cost)
         captured = self._captures[key]
         graph = captured.graph
+        updates: dict[int, str] = {}
+        if hooked & set(captured.grad_outputs):
+            graph, updates, update_params = sink_gradients(captured, sorted(hooked))
         inputs = graph.input_bytes
         base = solve(graph, None, method="noremat")
+        if updates:
+            base = place_updates(base, update_params)
         base_sim = base.simulate()
         t0 = time.perf_counter()
         if self.budget is None:
@@ -198,9 +220,11 @@ class RematStep:
                     method=exc.method,
                     reason="bytes beyond parameters, buffers and batch; smallest feasible budget is min_peak",
                 ) from exc
+            if updates:
+                schedule = place_updates(schedule, update_params)
         solve_seconds = time.perf_counter() - t0
         sim = schedule.simulate()
-        gm = lower(captured, schedule)
+        gm = lower(captured, schedule, updates)
         plan = RematPlan(
             method="noremat" if self.budget is None else self.method,
             budget_bytes=budget_bytes,
@@ -213,7 +237,7 @@ class RematStep:
             capture_seconds=captured.capture_seconds,
             solve_seconds=solve_seconds,
         )
-        return _Compiled(captured, schedule, gm, plan)
+        return _Compiled(captured, schedule, gm, plan, updates)
 
     def __call__(self, batch: Any) -> torch.Tensor:
         flat, spec = flatten_batch(batch)
@@ -226,23 +250,36 @@ class RematStep:
         if captured.n_random:
             # one draw from the global generator per step: steps differ, schedules of one step agree
             args.append(int(torch.randint(0, 2**62, (), dtype=torch.int64).item()))
+        if compiled.updates:
+
+            def on_gradient(name: str, g: torch.Tensor) -> None:
+                p = by_name[name]
+                _accumulate(p, g)
+                for hook in _compat.post_accumulate_grad_hooks(p):  # as autograd's AccumulateGrad does
+                    hook(p)
+
+            args.append(on_gradient)
         with torch.no_grad():
             outs = compiled.gm(*args)
         del args
         for name, i in captured.grad_outputs.items():
-            p = by_name[name]
-            g = outs[i]
-            if g._base is not None and g._base.numel() != g.numel():
-                g = g.clone()  # do not pin a larger buffer through a view
-            if p.grad is None:
-                p.grad = g if g.stride() == p.stride() else g.clone(memory_format=torch.contiguous_format)
-            else:
-                p.grad.add_(g)
+            if outs[i] is not None:  # None: consumed inside the schedule
+                _accumulate(by_name[name], outs[i])
         with torch.no_grad():
             for name, i in captured.buffer_outputs.items():
                 by_name[name].copy_(outs[i])
         loss: torch.Tensor = outs[captured.loss_index]
         return loss.detach()
+
+
+def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
+    """Add ``g`` into ``p.grad`` as autograd does (``p.grad`` set when it is ``None``)."""
+    if g._base is not None and g._base.numel() != g.numel():
+        g = g.clone()  # do not pin a larger buffer through a view
+    if p.grad is None:
+        p.grad = g if g.stride() == p.stride() else g.clone(memory_format=torch.contiguous_format)
+    else:
+        p.grad.add_(g)
 
 
 def _budget_bytes(budget: int | float, noremat_non_input: int) -> int:

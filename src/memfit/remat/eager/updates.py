@@ -1,0 +1,137 @@
+"""Gradients consumed inside the schedule: an ``update`` sink per parameter instead of a gradient output.
+
+A parameter with a post-accumulate-grad hook (``Tensor.register_post_accumulate_grad_hook``, which
+:func:`memfit.optim.step_in_backward` registers) has its gradient consumed as soon as it is final: the hook runs
+the optimizer's update for that parameter and frees the gradient. :class:`~memfit.remat.eager.step.RematStep`
+honours such hooks as ``loss.backward()`` does, and lets the solver know:
+
+- :func:`sink_gradients` rebuilds the captured :class:`Graph` with the gradient no longer an ``output`` (held to
+  the end) but read by a 0-byte, non-recomputable ``update`` node that *is* an output. Every schedule then
+  computes the update once, and the gradient is transient: the solvers count it only while it lives.
+- :func:`place_updates` moves each update of a solved schedule to the earliest point where it is correct: right
+  after its gradient is computed, but never before the last op that reads the parameter (the update writes the
+  parameter in place; a recomputation that read it afterwards would see the new values). The gradient's free
+  moves up with it when nothing else reads the gradient in between.
+
+The lowering (:mod:`memfit.remat.eager.lower`) turns each update event into a call of the step's
+``on_gradient(name, grad)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from memfit.remat.core.graph import Graph
+from memfit.remat.core.schedule import Event, Schedule
+from memfit.remat.eager.capture import CapturedStep
+
+__all__ = ["place_updates", "sink_gradients"]
+
+
+def sink_gradients(
+    captured: CapturedStep, names: Iterable[str]
+) -> tuple[Graph, dict[int, str], dict[int, int]]:
+    """``captured.graph`` with the gradients of the parameters ``names`` consumed by update nodes.
+
+    Node ids of the captured graph are kept; the update nodes are appended after them.
+
+    Args:
+        captured: the captured step.
+        names: parameter names (as in ``captured.param_names``) whose gradients are consumed in the schedule;
+            names without a gradient output are ignored.
+
+    Returns:
+        ``(graph, updates, params)``: the new graph; update node id -> parameter name; update node id -> the
+        parameter's input node id.
+    """
+    g = captured.graph
+    sunk = {n: captured.grad_outputs[n] for n in names if n in captured.grad_outputs}
+    sunk_positions = set(sunk.values())
+    outputs: set[int] = set()
+    for k, gid in enumerate(captured.output_ids):
+        if k in sunk_positions:
+            continue
+        outputs.add(gid)
+        ref = captured.refs[gid]
+        if ref is not None and ref.view_of is not None:  # an output view keeps its base resident to the end
+            outputs.add(ref.view_of)
+    new = Graph()
+    for v in range(len(g)):
+        got = new.add(
+            g.name(v),
+            g.nbytes(v),
+            cost=g.cost(v),
+            deps=g.deps(v),
+            input=g.is_input(v),
+            output=v in outputs,
+            recomputable=g.is_recomputable(v),
+        )
+        assert got == v
+    param_gid = dict(zip(captured.param_names, captured.placeholder_ids, strict=False))
+    updates: dict[int, str] = {}
+    params: dict[int, int] = {}
+    for name, k in sorted(sunk.items(), key=lambda item: item[1]):
+        grad = captured.output_ids[k]
+        ref = captured.refs[grad]
+        deps = [grad] if ref is None or ref.view_of is None else [grad, ref.view_of]
+        s = new.add(f"update[{name}]", 0, cost=0.0, deps=deps, output=True, recomputable=False)
+        updates[s] = name
+        params[s] = param_gid[name]
+    return new, updates, params
+
+
+def place_updates(schedule: Schedule, params: dict[int, int]) -> Schedule:
+    """Move each update event right after its gradient is computed and after the last reader of its parameter.
+
+    Args:
+        schedule: a valid schedule of a graph made by :func:`sink_gradients`.
+        params: update node id -> the parameter's input node id.
+
+    Returns:
+        The schedule with the updates moved (validated).
+
+    Raises:
+        ScheduleError: the moved schedule is invalid (a gradient freed and recomputed while its update waits
+            for a reader of the parameter; no solver of memfit produces this).
+    """
+    g = schedule.graph
+    events = list(schedule.events)
+    position = {v: i for i, (kind, v) in enumerate(events) if kind == "compute" and v in params}
+    last_read: dict[int, int] = {}
+    wanted = set(params.values())
+    for i, (kind, v) in enumerate(events):
+        if kind == "compute" and v not in params:
+            for d in g.deps(v):
+                if d in wanted:
+                    last_read[d] = i
+    anchored: dict[int, list[Event]] = {}  # event index -> events to insert right after it
+    dropped: set[int] = set()
+    for s, param in params.items():
+        i = position[s]
+        deps = g.deps(s)
+        made = [max(j for j in range(i) if events[j] == ("compute", d)) for d in deps]
+        target = max([*made, last_read.get(param, -1)])
+        moved: list[Event] = [("compute", s)]
+        dropped.add(i)
+        for d in deps:
+            f = next((j for j in range(i + 1, len(events)) if events[j] == ("free", d)), None)
+            if f is None or f in dropped:
+                continue
+            lo, hi = min(target, f), max(target, f)
+            touched = any(
+                kind == "compute" and (v == d or d in g.deps(v)) and v != s
+                for kind, v in (events[j] for j in range(lo + 1, hi))
+            )
+            if f < target or not touched:  # before the new update it must move; after it, it may move up
+                moved.append(("free", d))
+                dropped.add(f)
+        anchored.setdefault(target, []).extend(moved)
+    out: list[Event] = []
+    for j, event in enumerate(events):
+        if j not in dropped:
+            out.append(event)
+        out.extend(anchored.get(j, ()))
+    placed = Schedule(g, out, method=schedule.method, budget=schedule.budget)
+    placed.info = dict(schedule.info)
+    placed.simulate()  # validates
+    return placed
