@@ -9,8 +9,18 @@ Usage::
 """
 
 from memfit.optim._countsketch import CountSketchAdam
+from memfit.optim._in_backward import StepInBackward, step_in_backward
 from memfit.optim._schedule import sm3_lr_factor, sm3_warmup_schedule
 from memfit.optim._sm3 import SM3, SM3_STATE_FORMAT
 from memfit.optim._sm3_kernels import sm3
 
-__all__ = ["SM3", "SM3_STATE_FORMAT", "CountSketchAdam", "sm3", "sm3_lr_factor", "sm3_warmup_schedule"]
+__all__ = [
+    "SM3",
+    "SM3_STATE_FORMAT",
+    "CountSketchAdam",
+    "StepInBackward",
+    "sm3",
+    "sm3_lr_factor",
+    "sm3_warmup_schedule",
+    "step_in_backward",
+]
