@@ -111,23 +111,63 @@ class CapturedStep:
         return sum(self.graph.nbytes(v) for v in self.placeholder_ids)
 
 
-class _LossModule(torch.nn.Module):
-    """``forward(*flat_batch) -> (loss,)``: the shape AOTAutograd's joint export expects."""
+class _Inner(torch.nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``; ``torch.func.functional_call`` swaps the model's tensors in it."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Any:
+        return self.loss_fn(self.model, batch)
+
+
+class _LossModule(torch.nn.Module):
+    """``forward(*flat_batch) -> (loss,)``: the shape AOTAutograd's joint export expects, with **one input per
+    tensor**.
+
+    AOTAutograd lifts ``named_parameters(remove_duplicate=False)``: a parameter registered under two names (a tied
+    embedding and LM head, BERT's ``cls.predictions.bias`` and ``decoder.bias``, T5's ``shared`` embedding) would
+    become two inputs, one of which receives no gradient (its export then fails). This module registers each
+    distinct parameter and buffer once, as ``p0, p1, ...`` / ``b0, b1, ...``, and calls ``loss_fn(model, batch)``
+    with every name of a tensor bound to that one input (``torch.func.functional_call``), so the gradient of a tied
+    tensor is the sum over all its uses, as in eager autograd. ``names[attr]`` lists the model's names of the
+    tensor registered as ``attr``, first the one ``named_parameters()`` reports.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]):
+        super().__init__()
+        object.__setattr__(self, "_inner", _Inner(model, loss_fn))  # not a submodule: its tensors are ours
         self.batch_spec: pytree.TreeSpec | None = None
+        self.names: dict[str, list[str]] = {}
+        for prefix, named in (
+            ("p", model.named_parameters(remove_duplicate=False)),
+            ("b", model.named_buffers(remove_duplicate=False)),
+        ):
+            seen: dict[int, str] = {}
+            for name, t in named:
+                if id(t) not in seen:
+                    seen[id(t)] = f"{prefix}{len(seen)}"
+                    if prefix == "p":
+                        self.register_parameter(seen[id(t)], t)  # type: ignore[arg-type]
+                    else:
+                        self.register_buffer(seen[id(t)], t)
+                self.names.setdefault(seen[id(t)], []).append(name)
 
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor]:
         assert self.batch_spec is not None
         batch = pytree.tree_unflatten(list(flat), self.batch_spec)
-        loss = self.loss_fn(self.model, batch)
+        tensors = {f"model.{n}": getattr(self, attr) for attr, names in self.names.items() for n in names}
+        loss = torch.func.functional_call(self._inner, tensors, (batch,), tie_weights=False, strict=False)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
         return (loss.reshape(()),)
+
+    def model_name(self, attr: str) -> str:
+        """The graph's name of the tensor registered as ``attr``: ``"model."`` + its first name in the model."""
+        return f"model.{self.names[attr][0]}"
 
 
 def flatten_batch(batch: Any) -> tuple[list[torch.Tensor], pytree.TreeSpec]:
@@ -355,7 +395,7 @@ def _capture(
         if ref is not None and ref.view_of is not None:
             outputs.add(ref.view_of)
     if cost == "profile":
-        costs = _profile_costs(gm, records, sig, model, flat)
+        costs = _profile_costs(gm, records, wrapper, flat)
     else:
         rates = _calibrate(device)
         costs = [
@@ -366,19 +406,20 @@ def _capture(
     graph = _make_graph(records, costs, outputs)
 
     out_names = [a.name for a in out_args]
+    name = wrapper.model_name
     return CapturedStep(
         gm=gm,
         graph=graph,
         refs=[r.ref for r in records],
         placeholder_ids=[gid for gid, r in enumerate(records) if r.placeholder],
-        param_names=list(sig.parameters),
-        buffer_names=list(sig.buffers),
+        param_names=[name(p) for p in sig.parameters],
+        buffer_names=[name(b) for b in sig.buffers],
         output_ids=output_ids,
         loss_index=out_names.index(sig.user_outputs[0]),
         grad_outputs={
-            p: out_names.index(n) for n, p in sig.backward_signature.gradients_to_parameters.items()
+            name(p): out_names.index(n) for n, p in sig.backward_signature.gradients_to_parameters.items()
         },
-        buffer_outputs={b: out_names.index(n) for n, b in sig.buffers_to_mutate.items()},
+        buffer_outputs={name(b): out_names.index(n) for n, b in sig.buffers_to_mutate.items()},
         batch_spec=spec,
         batch_meta=[(t.shape, t.dtype, t.device) for t in flat],
         n_random=n_random,
@@ -595,7 +636,7 @@ def module_tensors(model: torch.nn.Module, names: Sequence[str]) -> list[torch.T
 
 
 def _profile_costs(
-    gm: fx.GraphModule, records: list[_Record], sig: Any, model: torch.nn.Module, flat: Sequence[torch.Tensor]
+    gm: fx.GraphModule, records: list[_Record], wrapper: _LossModule, flat: Sequence[torch.Tensor]
 ) -> list[float]:
     """Measured seconds per record: run the captured graph once on real tensors, timing each op."""
     device = flat[0].device
@@ -619,5 +660,5 @@ def _profile_costs(
     # buffers are inputs of the functional graph (their new values are outputs), so nothing is mutated;
     # fork the RNG so that profiling does not shift the user's random stream
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        _Timer(gm).run(*module_tensors(model, [*sig.parameters, *sig.buffers]), *flat)
+        _Timer(gm).run(*wrapper.parameters(), *wrapper.buffers(), *flat)
     return [0.0 if r.ref is None else per_node.get(r.ref.node, 0.0) for r in records]
