@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
+import inspect
+import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 
 from memfit.data import TextDataset
-from memfit.models import get_model
+from memfit.models import PRESETS, get_model
 from memfit.optim import sm3_warmup_schedule
 from memfit.plan import OPTIMIZERS, make_optimizer
 
@@ -37,36 +41,115 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 needs the tomli backport
     import tomli as tomllib
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "TrainConfig", "load_config", "train"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "MAY_CHANGE_ON_RESUME",
+    "CheckpointError",
+    "ConfigError",
+    "TrainConfig",
+    "load_config",
+    "train",
+]
 
 CHECKPOINT_FORMAT = 1
+
+#: options a resumed run may change; every other one must equal the checkpoint's (the run would not be the one
+#: the checkpoint continues, and config.toml would record options that were not used)
+MAY_CHANGE_ON_RESUME = ("steps", "out", "checkpoint_every", "keep", "eval_every", "eval_batches")
+
+# the batch generator's seed, (seed * 1_000_003 + 1) * 1_000_000_007 + step (memfit.data), must fit in 64 bits
+_MAX_SEED = 9999
+
+#: the GPT presets, the models ``memfit train`` trains (its data are bytes: language models only)
+LM_PRESETS = tuple(name for name, spec in PRESETS.items() if spec.kind == "lm")
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint could be loaded (the message names each file tried and why it failed)."""
 
 
+class ConfigError(ValueError):
+    """A bad option or config file: the message says which, what was given and what is allowed."""
+
+
+# the TOML / Python type of each TrainConfig field ("?": may be absent, i.e. None)
+_KINDS = {
+    "model": "str",
+    "data": "str?",
+    "optimizer": "str",
+    "lr": "float?",
+    "optimizer_args": "table",
+    "warmup_steps": "int",
+    "remat_budget": "float?",
+    "batch_size": "int",
+    "seq_len": "int",
+    "steps": "int",
+    "seed": "int",
+    "out": "str",
+    "checkpoint_every": "int",
+    "keep": "int",
+    "eval_every": "int",
+    "eval_batches": "int",
+}
+_KIND_NAMES = {
+    "str": "a string",
+    "float": "a number",
+    "int": "an integer",
+    "table": "a table (TOML) / object (JSON)",
+}
+
+
+def _checked(name: str, value: Any) -> Any:
+    """``value`` if it has ``name``'s type (ints made floats for float fields, paths made strings), else raise."""
+    kind = _KINDS[name]
+    if value is None and kind.endswith("?"):
+        return None
+    base = kind.rstrip("?")
+    if base == "str" and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "table": isinstance(value, dict),
+    }[base]
+    if not ok:
+        absent = " (or left out)" if kind.endswith("?") else ""
+        raise ConfigError(
+            f"{name} must be {_KIND_NAMES[base]}{absent}, got {value!r} ({type(value).__name__})"
+        )
+    return float(value) if base == "float" else value
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
-    """What ``memfit train`` trains; every field is a TOML key and a ``--option``.
+    """What ``memfit train`` trains; every field is a TOML key and a ``--option`` (``_`` written ``-``).
+
+    The defaults train the ``tiny`` GPT on the default corpus with SM3 in about a minute on two CPU cores; the
+    learning rate and warm-up are the ones that keep that run free of loss spikes (see ``docs/train.md``).
 
     Attributes:
-        model: a GPT preset of :mod:`memfit.models`.
-        data: text file (``None``: the default corpus).
+        model: a GPT preset of :mod:`memfit.models` (:data:`LM_PRESETS`; the data are bytes).
+        data: text file (``None``: the default corpus, CPython's ``pydoc_data/topics.py``).
         optimizer: one of :data:`memfit.plan.OPTIMIZERS`.
-        lr: learning rate (``None``: the optimizer's usual default).
-        optimizer_args: further keyword arguments of the optimizer (e.g. ``{momentum = 0.9}``).
-        warmup_steps: the SM3 authors' quadratic learning-rate warm-up.
+        lr: peak learning rate (``None``: the optimizer's default, :data:`DEFAULT_LR`); 0 is taken as given.
+        optimizer_args: further keyword arguments of the optimizer (e.g. ``{momentum = 0.9}``); unknown ones are
+            errors.
+        warmup_steps: the SM3 authors' quadratic learning-rate warm-up, ``lr * min(1, (step / warmup)^2)``; 0: none.
         remat_budget: ``None`` (no remat) or a fraction in (0, 1] for :func:`memfit.remat.compile`.
         batch_size: sequences per step.
-        seq_len: bytes per sequence.
+        seq_len: bytes per sequence (at most the model's ``block_size``).
         steps: optimizer steps in all.
-        seed: seed of the weights and the batches.
+        seed: seed of the weights and the batches, in [0, 9999].
         out: output directory (metrics, plot, checkpoints, the resolved config).
-        checkpoint_every: steps between checkpoints.
+        checkpoint_every: steps between checkpoints (one is also written at the end and on SIGTERM / Ctrl-C).
         keep: checkpoints kept.
         eval_every: steps between validation losses (0: only at the end).
         eval_batches: validation batches per evaluation.
+
+    Raises:
+        ConfigError: a value of the wrong type or out of range, an unknown optimizer or model, or an unknown
+            optimizer argument (with the closest known name).
     """
 
     model: str = "tiny"
@@ -87,29 +170,114 @@ class TrainConfig:
     eval_batches: int = 4
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name)))
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for name in ("batch_size", "seq_len", "steps", "checkpoint_every", "keep", "eval_batches"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: {_ZERO_MEANS[name]}), got {getattr(self, name)}")
+        if not 0 <= self.seed <= _MAX_SEED:
+            raise ConfigError(f"seed must be in [0, {_MAX_SEED}], got {self.seed}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr >= 0.0):
+            raise ConfigError(
+                f"lr must be a finite number >= 0 (or left out: the optimizer's default), got {self.lr}"
+            )
         if self.remat_budget is not None and not 0.0 < self.remat_budget <= 1.0:
-            raise ValueError(f"remat_budget must be in (0, 1] or absent, got {self.remat_budget}")
+            raise ConfigError(
+                f"remat_budget must be in (0, 1] or left out (no remat), got {self.remat_budget}"
+            )
+        _check_model(self.model, self.seq_len)
+        _check_optimizer_args(self.optimizer, self.lr, self.optimizer_args)
 
 
-def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
-    """Read a TOML file into a :class:`TrainConfig`; ``overrides`` (not ``None``) win over the file.
+_ZERO_MEANS = {"warmup_steps": "no warm-up", "eval_every": "only at the end"}
+
+
+def _check_model(model: str, seq_len: int) -> None:
+    if model not in LM_PRESETS:
+        kind = f" ({PRESETS[model].kind} model)" if model in PRESETS else ""
+        raise ConfigError(
+            f"model must be a GPT preset ({', '.join(LM_PRESETS)}): memfit train trains language models on bytes; "
+            f"got {model!r}{kind}"
+        )
+    gpt = get_model(model).gpt
+    assert gpt is not None
+    if seq_len > gpt.block_size:
+        raise ConfigError(f"seq_len must be <= {gpt.block_size} for {model} (its block_size), got {seq_len}")
+
+
+def _check_optimizer_args(name: str, lr: float | None, args: dict[str, Any]) -> None:
+    """Build the optimizer on a 2x2 probe: unknown keywords and bad values fail here, before anything is written."""
+    probe = [torch.zeros(2, 2, requires_grad=True)]
+    cls = type(make_optimizer(name, probe))
+    params = inspect.signature(cls.__init__).parameters.values()
+    known = [p.name for p in params if p.name not in ("self", "params", "lr") and p.kind is not p.VAR_KEYWORD]
+    for key in args:
+        if key == "lr":
+            raise ConfigError("optimizer_args: give the learning rate as lr (--lr), not in optimizer_args")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"optimizer_args: {cls.__name__} ({name}) has no argument {key!r}{hint} (known: {', '.join(known)})"
+            )
+    try:
+        make_optimizer(name, probe, lr, **args)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"optimizer_args {args} for {name}: {exc}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, *, resume: bool = False, **overrides: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from a TOML file; ``overrides`` (not ``None``) win over the file.
+
+    With ``resume``, options given neither in the file nor in ``overrides`` are taken from ``OUT/config.toml``
+    (the config the run being resumed recorded), so ``memfit train --resume --out OUT`` needs nothing else.
 
     Raises:
-        ValueError: an unknown key (the message lists the allowed ones) or a bad value.
+        ConfigError: the file is missing or not TOML (the message names it), an unknown key (the message lists the
+            allowed ones), or a bad value.
     """
-    data = tomllib.loads(Path(path).read_text())
     allowed = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
-        )
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_toml(Path(path))
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            hints = [
+                f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, allowed, n=1)) else k
+                for k in unknown
+            ]
+            raise ConfigError(
+                f"{path}: unknown key(s) {', '.join(hints)}; allowed: {', '.join(sorted(allowed))}"
+            )
+        for k, v in data.items():
+            if overrides.get(k) is None:
+                try:
+                    _checked(k, v)
+                except ConfigError as exc:
+                    raise ConfigError(f"{path}: {exc}") from None
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if resume:
+        saved = Path(data.get("out", TrainConfig.out)) / "config.toml"
+        if saved.is_file():
+            data = {**{k: v for k, v in _read_toml(saved).items() if k in allowed}, **data}
     return TrainConfig(**data)
 
 
@@ -120,17 +288,30 @@ def _checkpoints(out: Path) -> list[Path]:
 def _save(out: Path, state: dict[str, Any], step: int, keep: int) -> Path:
     path = out / f"checkpoint-{step:08d}.pt"
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)  # atomic: readers see the old file or the whole new one
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)  # atomic: readers see the old file or the whole new one
+    except BaseException:  # an error or a second Ctrl-C mid-write: no half-written file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     for old in _checkpoints(out)[:-keep]:
         old.unlink()
     return path
 
 
-def _load_latest(out: Path, say: Any) -> dict[str, Any]:
+def _remove_partial_writes(out: Path) -> list[str]:
+    """Delete ``checkpoint-*.pt.tmp``: writes a killed run did not finish (never loadable: the rename is last)."""
+    names = []
+    for tmp in sorted(out.glob("checkpoint-*.pt.tmp")):
+        tmp.unlink(missing_ok=True)
+        names.append(tmp.name)
+    return names
+
+
+def _load_latest(out: Path, say: Any, partial: list[str]) -> tuple[Path, dict[str, Any]]:
     tried: list[str] = []
     for path in reversed(_checkpoints(out)):
         try:
@@ -143,28 +324,93 @@ def _load_latest(out: Path, say: Any) -> dict[str, Any]:
                 f"[yellow]checkpoint {path} is unusable ({type(exc).__name__}: {exc}); trying the previous one[/]"
             )
             continue
-        return state
-    raise CheckpointError(
-        f"no usable checkpoint in {out}" + ("".join(f"\n  {t}" for t in tried) or " (none found)")
+        return path, state
+    none = " (none found" + (
+        f"; {', '.join(partial)} was a write the run did not finish (it was killed while saving), now removed)"
+        if partial
+        else ")"
+    )
+    raise CheckpointError(f"no usable checkpoint in {out}" + ("".join(f"\n  {t}" for t in tried) or none))
+
+
+def _check_resume(cfg: TrainConfig, path: Path, state: dict[str, Any]) -> None:
+    """Refuse to continue a checkpoint with options it was not trained with (the list says which)."""
+    now = asdict(cfg)
+    saved = state.get("config", {})
+    diffs = [
+        f"{k} {v!r} -> {now[k]!r}"
+        for k, v in saved.items()
+        if k in now and k not in MAY_CHANGE_ON_RESUME and now[k] != v
+    ]
+    if diffs:
+        raise ConfigError(
+            f"cannot resume {path} with other options than it was trained with: {'; '.join(diffs)} "
+            f"(checkpoint -> now). Leave them out (--resume takes them from {path.parent / 'config.toml'}) or "
+            f"train into another --out; options that may change on resume: {', '.join(MAY_CHANGE_ON_RESUME)}"
+        )
+    if cfg.steps < state["step"]:
+        raise ConfigError(
+            f"steps must be >= {state['step']} (the step of {path.name}) to resume, got {cfg.steps}"
+        )
+
+
+def _infeasible(cfg: TrainConfig, exc: Any) -> ConfigError:
+    """One line for an infeasible remat budget: the smallest fraction this step can reach."""
+    from memfit.memory import format_bytes
+
+    assert cfg.remat_budget is not None
+    min_bytes = int(exc.min_peak)
+    frac = getattr(exc, "min_fraction", None)
+    if frac is None:  # the budget in bytes is remat_budget x the no-remat step's memory beyond the inputs
+        frac = min_bytes / max(exc.budget / cfg.remat_budget, 1.0)
+    suggest = math.ceil(frac * 100) / 100
+    return ConfigError(
+        f"remat_budget {cfg.remat_budget:g} is below what this step can reach: the smallest reachable budget is "
+        f"{frac:.3f} ({format_bytes(min_bytes)} beyond parameters, buffers and batch); use a remat_budget in "
+        f"[{suggest:.2f}, 1] or leave it out"
     )
 
 
 def train(
     cfg: TrainConfig, *, resume: bool = False, progress: Any = None, say: Any = print
 ) -> dict[str, Any]:
-    """Train; returns ``{"losses": [...], "val": [...], "out": ...}``.
+    """Train; returns ``{"losses": [...], "val": [...], "out": ..., "stopped": bool, "signal": int | None}``.
 
-    A SIGTERM stops the run after the current step with a checkpoint (resume it with ``resume=True``).
+    A SIGTERM or SIGINT (Ctrl-C) stops the run after the current step with a checkpoint (resume it with
+    ``resume=True``); ``signal`` is the signal's number. A second SIGINT stops at once, without a checkpoint.
+    Everything is checked before anything is written to ``cfg.out``.
 
     Raises:
+        ConfigError: ``cfg.out`` is a file, or holds checkpoints of another run and ``resume`` is false; the data
+            file is missing or too short; ``resume`` with options that differ from the checkpoint's; a remat
+            budget below what the step can reach.
         FloatingPointError: a non-finite loss (before the update is applied).
         CheckpointError: ``resume`` and no usable checkpoint.
     """
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(_to_toml(asdict(cfg)))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out must be a directory, but {out} is a file")
+    if cfg.data is not None and not Path(cfg.data).is_file():
+        raise ConfigError(
+            f"data must be a text file, but {cfg.data} "
+            + ("is a directory" if Path(cfg.data).is_dir() else "does not exist")
+        )
     spec = get_model(cfg.model)
     ds = TextDataset.from_file(cfg.data)
+    for split in ("train", "val"):
+        try:
+            ds.batch(split, 0, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        except ValueError as exc:
+            raise ConfigError(f"data {ds.path}: {exc}; use a longer file or a shorter seq_len") from None
+    out.mkdir(parents=True, exist_ok=True)
+    partial = _remove_partial_writes(out)
+    if partial:
+        say(f"[yellow]removed {', '.join(partial)}: a checkpoint write an earlier run did not finish[/]")
+    if not resume and _checkpoints(out):
+        raise ConfigError(
+            f"{out} holds checkpoints of an earlier run ({_checkpoints(out)[-1].name}): add --resume to continue "
+            "it, or train into another --out (or delete them)"
+        )
     torch.manual_seed(cfg.seed)
     model = spec.build()
     opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, **cfg.optimizer_args)
@@ -173,7 +419,8 @@ def train(
     val: list[tuple[int, float]] = []
     start = 0
     if resume:
-        state = _load_latest(out, say)
+        path, state = _load_latest(out, say, partial)
+        _check_resume(cfg, path, state)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
@@ -185,16 +432,27 @@ def train(
         from memfit import remat
 
         example = ds.batch("train", 0, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-        step_fn = remat.compile(model, spec.loss_fn, example, budget=cfg.remat_budget)  # type: ignore[operator]
+        try:
+            step_fn = remat.compile(model, spec.loss_fn, example, budget=cfg.remat_budget)  # type: ignore[operator]
+        except remat.InfeasibleBudget as exc:
+            raise _infeasible(cfg, exc) from None
     else:
         step_fn = None
+    # written once every check passed: it records the options this run uses (a resume's differ only in
+    # MAY_CHANGE_ON_RESUME)
+    (out / "config.toml").write_text(_to_toml(asdict(cfg)))
 
-    stop = {"signal": False}
+    stop: dict[str, int | None] = {"signal": None}
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        stop["signal"] = True
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop["signal"] == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without a checkpoint of this step
+        stop["signal"] = signum
 
-    old_handler = signal.signal(signal.SIGTERM, on_term)
+    old_handlers: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old_handlers[sig] = signal.signal(sig, on_signal)
 
     def snapshot(step: int) -> dict[str, Any]:
         return {
@@ -243,18 +501,26 @@ def train(
                 if task is not None:
                     progress.update(task, advance=1, description=f"step {k + 1} loss {value:.3f}")
                 done = k + 1 == cfg.steps
-                if (k + 1) % cfg.checkpoint_every == 0 or done or stop["signal"]:
+                if (k + 1) % cfg.checkpoint_every == 0 or done or stop["signal"] is not None:
                     f.flush()
                     _save(out, snapshot(k + 1), k + 1, cfg.keep)
-                if stop["signal"] and not done:
-                    say(f"SIGTERM: stopped after step {k + 1} with a checkpoint; continue with --resume")
-                    return {"losses": losses, "val": val, "out": str(out), "stopped": True}
+                if stop["signal"] is not None and not done:
+                    name = signal.Signals(stop["signal"]).name
+                    say(f"{name}: stopped after step {k + 1} with a checkpoint; continue with --resume")
+                    return {
+                        "losses": losses,
+                        "val": val,
+                        "out": str(out),
+                        "stopped": True,
+                        "signal": stop["signal"],
+                    }
     finally:
-        signal.signal(signal.SIGTERM, old_handler)
+        for signum, handler in old_handlers.items():
+            signal.signal(signum, handler)
     if not val or val[-1][0] != cfg.steps:
         val.append((cfg.steps, _evaluate(model, spec, ds, cfg)))
     _plot(losses, val, out / "loss.png", cfg)
-    return {"losses": losses, "val": val, "out": str(out), "stopped": False}
+    return {"losses": losses, "val": val, "out": str(out), "stopped": False, "signal": None}
 
 
 @torch.no_grad()
@@ -281,18 +547,29 @@ def _to_toml(d: dict[str, Any]) -> str:
         if v is None:
             continue
         if isinstance(v, dict):
-            tables.append(f"[{k}]\n" + "".join(f"{kk} = {_toml_value(vv)}\n" for kk, vv in v.items()))
+            tables.append(
+                f"[{k}]\n" + "".join(f"{_toml_key(kk)} = {_toml_value(vv)}\n" for kk, vv in v.items())
+            )
         else:
             lines.append(f"{k} = {_toml_value(v)}")
     return "\n".join(lines) + "\n" + "".join(f"\n{t}" for t in tables)
 
 
+def _toml_key(k: str) -> str:
+    return k if k and all(c.isalnum() or c in "_-" for c in k) else json.dumps(k)
+
+
 def _toml_value(v: Any) -> str:
+    """A TOML value (scalars, arrays, inline tables); JSON's string escapes are TOML's basic-string escapes."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
-        return repr(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)  # inf and nan read back as TOML's inf and nan
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(str(v), ensure_ascii=False)
 
 
 def _plot(losses: list[float], val: list[tuple[int, float]], path: Path, cfg: TrainConfig) -> None:

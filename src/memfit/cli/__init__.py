@@ -7,6 +7,7 @@ its options and a ``run(args) -> exit status``.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from memfit import __version__
@@ -35,5 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops with a checkpoint instead)
+        print(f"memfit {args.command}: interrupted", file=sys.stderr)
+        return 130
     return result

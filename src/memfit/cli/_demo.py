@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,54 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _error(message: str) -> int:
+    print(f"memfit demo: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, in one line (what was given, what is allowed), or ``None``."""
+    from memfit.data import TextDataset
+    from memfit.demo import DemoConfig
+    from memfit.models import PRESETS
+
+    for name in ("steps", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    if args.seed is not None and not 0 <= args.seed <= 9999:
+        return f"--seed must be in [0, 9999], got {args.seed}"
+    lm = [name for name, spec in PRESETS.items() if spec.kind == "lm"]
+    model = args.model if args.model is not None else DemoConfig.model
+    if model not in lm:
+        return f"--model must be a GPT preset ({', '.join(lm)}), got {model!r}"
+    block = PRESETS[model].gpt.block_size  # type: ignore[union-attr]
+    if args.seq_len is not None and not 1 <= args.seq_len <= block:
+        return f"--seq-len must be in [1, {block}] for {model} (its block size), got {args.seq_len}"
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return f"--out must be a directory, but {out} is a file"
+    if args.data is not None:
+        data = Path(args.data)
+        if not data.is_file():
+            return f"--data must be a text file, but {data} " + (
+                "is a directory" if data.is_dir() else "does not exist"
+            )
+        try:
+            ds = TextDataset.from_file(data)
+            for split in ("train", "val"):
+                ds.batch(split, 0, 1, args.seq_len or DemoConfig.seq_len)
+        except (ValueError, OSError) as exc:
+            return f"--data {data}: {exc}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from memfit.demo import DemoConfig, make_table, plot_report, run_demo, write_report
 
+    problem = _check(args)
+    if problem is not None:
+        return _error(problem)
     overrides = {
         k: v
         for k, v in {
@@ -48,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
     if "steps" in overrides:
         overrides["eval_every"] = max(1, overrides["steps"] // 5)
         overrides["warmup_steps"] = max(1, min(100, overrides["steps"] // 3))
-    cfg = DemoConfig(**overrides)
+    try:
+        cfg = DemoConfig(**overrides)
+    except (TypeError, ValueError) as exc:
+        return _error(str(exc))
     console = Console()
     wide = Console(width=max(console.width, 150))  # the table has 12 columns
     console.print(
@@ -61,8 +110,14 @@ def run(args: argparse.Namespace) -> int:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, disable=args.quiet, transient=False) as progress:
-        report = run_demo(cfg, progress=progress)
+    from memfit.remat import InfeasibleBudget
+
+    try:
+        with Progress(*columns, console=console, disable=args.quiet, transient=False) as progress:
+            report = run_demo(cfg, progress=progress)
+    except (FloatingPointError, InfeasibleBudget) as exc:
+        print(f"memfit demo: {exc}", file=sys.stderr)
+        return 1
     out = Path(args.out)
     json_path = write_report(report, out / "report.json")
     png_path = plot_report(report, out / "demo.png")

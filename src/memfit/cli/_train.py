@@ -1,63 +1,175 @@
-"""``memfit train``: options or a TOML config (``--config``); ``--resume`` continues from the last checkpoint."""
+"""``memfit train``: options or a TOML config (``--config``); ``--resume`` continues from the last checkpoint.
+
+Exit status: 0 done; 2 bad input (one line on stderr says what and what is allowed); 1 the run failed (a
+non-finite loss, no usable checkpoint); 128 + the signal's number when SIGTERM (143) or Ctrl-C (130) stopped it
+with a checkpoint.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import sys
 from typing import Any
 
 
 def add_parser(sub: Any) -> None:
     from memfit.plan import OPTIMIZERS
+    from memfit.train import LM_PRESETS, TrainConfig
+
+    d = TrainConfig.__dataclass_fields__  # defaults shown in --help come from the one place they are set
+
+    def default(name: str) -> Any:
+        f = d[name]
+        return f.default
 
     p: argparse.ArgumentParser = sub.add_parser(
         "train",
         help="train a GPT preset with any memfit optimizer and remat budget; checkpoints; --resume",
-        description="Train with options or a TOML file (--config; options given here win). The resolved config is "
-        "saved as OUT/config.toml; metrics go to OUT/metrics.csv, the plot to OUT/loss.png.",
+        description="Train a GPT preset on bytes of text with options or a TOML file (--config; options given "
+        "here win; see docs/train.md and examples/train.toml). OUT gets config.toml (the options used), "
+        "metrics.csv, loss.png and checkpoints. SIGTERM or Ctrl-C stops after the current step with a "
+        "checkpoint; --resume continues it bit for bit.",
     )
     p.add_argument(
-        "--config", default=None, help="a TOML file with TrainConfig keys (unknown keys are errors)"
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a TOML file of the options below (keys "
+        "written with _, e.g. batch_size = 16); unknown keys are errors",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the last usable checkpoint in --out")
-    p.add_argument("--model", default=None)
-    p.add_argument("--data", default=None)
-    p.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS))
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--optimizer-args", default=None, help="JSON, e.g. '{\"momentum\": 0.9}'")
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--remat-budget", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last usable checkpoint in --out; options left out are taken from OUT/config.toml, "
+        "and only --steps, --checkpoint-every, --keep, --eval-every, --eval-batches may differ from it",
+    )
+    p.add_argument(
+        "--model", default=None, help=f"a GPT preset: {', '.join(LM_PRESETS)} (default {default('model')})"
+    )
+    p.add_argument(
+        "--data", default=None, metavar="FILE", help="a text file (default: CPython's pydoc_data/topics.py)"
+    )
+    p.add_argument(
+        "--optimizer",
+        default=None,
+        choices=list(OPTIMIZERS),
+        help=f"the optimizer (default {default('optimizer')}): "
+        + "; ".join(f"{k}: {v}" for k, v in OPTIMIZERS.items()),
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate, >= 0 (default: the optimizer's, e.g. sm3 "
+        f"{_default_lr('sm3')}, adam {_default_lr('adam')})",
+    )
+    p.add_argument(
+        "--optimizer-args",
+        default=None,
+        metavar="JSON",
+        help="further optimizer arguments as a JSON object, e.g. '{\"momentum\": 0.9}' (default none)",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help=f"quadratic learning-rate warm-up, steps; 0: none (default {default('warmup_steps')})",
+    )
+    p.add_argument(
+        "--remat-budget",
+        type=float,
+        default=None,
+        help="recompute activations to fit this fraction in (0, 1] of the step's memory beyond parameters, "
+        "buffers and batch (default: no remat)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help=f"sequences per step (default {default('batch_size')})"
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help=f"bytes per sequence, at most the model's block size (default {default('seq_len')})",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help=f"optimizer steps in all (default {default('steps')})"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"seed of weights and batches, 0-9999 (default {default('seed')})",
+    )
+    p.add_argument("--out", default=None, metavar="DIR", help=f"output directory (default {default('out')})")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help=f"steps between checkpoints (default {default('checkpoint_every')})",
+    )
+    p.add_argument("--keep", type=int, default=None, help=f"checkpoints kept (default {default('keep')})")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help=f"steps between validation losses; 0: only at the end (default {default('eval_every')})",
+    )
+    p.add_argument(
+        "--eval-batches",
+        type=int,
+        default=None,
+        help=f"validation batches per evaluation (default {default('eval_batches')})",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def _default_lr(name: str) -> float:
+    import torch
+
+    from memfit.plan import make_optimizer
+
+    lr: float = make_optimizer(name, [torch.zeros(1, requires_grad=True)]).param_groups[0]["lr"]
+    return lr
+
+
+def _error(message: str) -> int:
+    print(f"memfit train: error: {message}", file=sys.stderr)
+    return 2
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from memfit.train import CheckpointError, TrainConfig, load_config, train
+    from memfit.train import CheckpointError, ConfigError, TrainConfig, load_config, train
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    if isinstance(overrides.get("optimizer_args"), str):
-        overrides["optimizer_args"] = json.loads(overrides["optimizer_args"])
+    names = set(TrainConfig.__dataclass_fields__)
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "optimizer_args" in overrides:
+        try:
+            overrides["optimizer_args"] = json.loads(overrides["optimizer_args"])
+        except json.JSONDecodeError as exc:
+            return _error(
+                f"--optimizer-args is not JSON ({exc.msg}, column {exc.colno}): give an object, "
+                "e.g. '{\"momentum\": 0.9}'"
+            )
+        if not isinstance(overrides["optimizer_args"], dict):
+            return _error(
+                f"--optimizer-args must be a JSON object, e.g. '{{\"momentum\": 0.9}}', got {args.optimizer_args}"
+            )
     console = Console(stderr=True)
     try:
-        cfg = load_config(args.config, **overrides) if args.config else TrainConfig(**overrides)
+        cfg = load_config(args.config, resume=args.resume, **overrides)
         with Progress(console=console, disable=args.quiet) as progress:
             result = train(cfg, resume=args.resume, progress=progress, say=console.print)
-    except (ValueError, FloatingPointError, CheckpointError, FileNotFoundError) as exc:
-        console.print(f"memfit train: {exc}")
+    except ConfigError as exc:
+        return _error(str(exc))
+    except (FloatingPointError, CheckpointError) as exc:
+        print(f"memfit train: {exc}", file=sys.stderr)
         return 1
     if result["stopped"]:
-        return 143
+        return 128 + int(result["signal"])
     console.print(f"done: final loss {result['losses'][-1]:.4f}; outputs in {result['out']}")
     return 0

@@ -1,0 +1,7 @@
+"""``python -m memfit``: the same as the ``memfit`` console script."""
+
+import sys
+
+from memfit.cli import main
+
+sys.exit(main())
