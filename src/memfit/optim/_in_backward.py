@@ -100,7 +100,11 @@ class StepInBackward:
         self._params: list[Tensor] = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
         ]
-        self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in self._params]
+        from memfit.remat.eager.updates import consumes_gradient
+
+        # marked: memfit.remat's step runs it inside its schedule and plans the gradient as transient
+        hook = consumes_gradient(lambda p: self._hook(p))
+        self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in self._params]
         _ACTIVE[optimizer] = self
 
     @property

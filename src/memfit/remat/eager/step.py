@@ -24,7 +24,7 @@ from memfit.remat.core.schedule import Schedule
 from memfit.remat.core.solve import Method
 from memfit.remat.eager.capture import CapturedStep, CostModel, capture, flatten_batch, module_tensors
 from memfit.remat.eager.lower import lower
-from memfit.remat.eager.updates import place_updates, sink_gradients
+from memfit.remat.eager.updates import is_consuming, place_updates, sink_gradients
 
 __all__ = ["RematPlan", "RematStep", "compile"]
 
@@ -103,10 +103,10 @@ class RematStep:
     ``loss.backward()``; buffers the forward updates (BatchNorm running statistics) are updated once. A batch of a
     new shape is captured and scheduled anew (cached per shape).
 
-    Post-accumulate-grad hooks (``Tensor.register_post_accumulate_grad_hook``) run as under ``loss.backward()``:
-    right after the parameter's gradient is computed and added into ``p.grad``, inside the schedule. The solver
-    then counts such a gradient as consumed there (see :mod:`memfit.remat.eager.updates`), not as held to the
-    end: the plan assumes the hook frees ``p.grad`` (as :func:`memfit.optim.step_in_backward` does).
+    A parameter with a post-accumulate-grad hook that consumes its gradient (marked by
+    :func:`memfit.remat.eager.updates.consumes_gradient`, as :func:`memfit.optim.step_in_backward`'s is) has its
+    hooks run as under ``loss.backward()``: right after its gradient is computed and added into ``p.grad``, inside
+    the schedule; the solver counts that gradient as transient, not as held to the end.
     """
 
     def __init__(
@@ -174,11 +174,11 @@ class RematStep:
         return self._compiled(flat, spec).plan
 
     def _hooked(self) -> frozenset[str]:
-        """Graph names of the parameters with post-accumulate-grad hooks (their gradients are consumed)."""
+        """Graph names of the parameters with a hook that consumes their gradient."""
         return frozenset(
             "model." + n
             for n, p in self.model.named_parameters(remove_duplicate=False)
-            if _compat.post_accumulate_grad_hooks(p)
+            if any(is_consuming(h) for h in _compat.post_accumulate_grad_hooks(p))
         )
 
     def _compiled(self, flat: list[torch.Tensor], spec: Any) -> _Compiled:
@@ -189,7 +189,9 @@ class RematStep:
         self._last = self._cache[key]
         return self._last
 
-    def _compile(self, flat: list[torch.Tensor], spec: Any, hooked: frozenset[str] = frozenset()) -> _Compiled:
+    def _compile(
+        self, flat: list[torch.Tensor], spec: Any, hooked: frozenset[str] = frozenset()
+    ) -> _Compiled:
         from memfit.remat.core import solve
 
         key = _shape_key(flat, spec)

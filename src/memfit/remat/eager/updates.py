@@ -1,9 +1,11 @@
 """Gradients consumed inside the schedule: an ``update`` sink per parameter instead of a gradient output.
 
-A parameter with a post-accumulate-grad hook (``Tensor.register_post_accumulate_grad_hook``, which
-:func:`memfit.optim.step_in_backward` registers) has its gradient consumed as soon as it is final: the hook runs
-the optimizer's update for that parameter and frees the gradient. :class:`~memfit.remat.eager.step.RematStep`
-honours such hooks as ``loss.backward()`` does, and lets the solver know:
+A parameter with a post-accumulate-grad hook (``Tensor.register_post_accumulate_grad_hook``) marked by
+:func:`consumes_gradient` -- :func:`memfit.optim.step_in_backward` registers one -- has its gradient consumed as
+soon as it is final: the hook runs the optimizer's update for that parameter and frees the gradient.
+:class:`~memfit.remat.eager.step.RematStep` runs that parameter's hooks inside the schedule, as ``loss.backward()``
+does, and lets the solver know (hooks that do not consume the gradient, such as ``memfit.memory.track``'s, change
+nothing: they are not called, as before):
 
 - :func:`sink_gradients` rebuilds the captured :class:`Graph` with the gradient no longer an ``output`` (held to
   the end) but read by a 0-byte, non-recomputable ``update`` node that *is* an output. Every schedule then
@@ -19,13 +21,32 @@ The lowering (:mod:`memfit.remat.eager.lower`) turns each update event into a ca
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from memfit.remat.core.graph import Graph
 from memfit.remat.core.schedule import Event, Schedule
 from memfit.remat.eager.capture import CapturedStep
 
-__all__ = ["place_updates", "sink_gradients"]
+__all__ = ["consumes_gradient", "is_consuming", "place_updates", "sink_gradients"]
+
+_H = TypeVar("_H", bound=Callable[..., Any])
+_MARK = "_memfit_consumes_gradient"
+
+
+def consumes_gradient(hook: _H) -> _H:
+    """Mark a post-accumulate-grad hook as one that consumes the gradient (uses it, then sets ``p.grad = None``).
+
+    Returns:
+        ``hook`` itself (a function or any callable with a ``__dict__``), marked.
+    """
+    setattr(hook, _MARK, True)
+    return hook
+
+
+def is_consuming(hook: Any) -> bool:
+    """Whether ``hook`` was marked by :func:`consumes_gradient`."""
+    return bool(getattr(hook, _MARK, False))
 
 
 def sink_gradients(
