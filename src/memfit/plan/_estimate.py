@@ -1,201 +1,45 @@
-"""``memfit.plan``: will this model train in N GiB, and with which optimizer and remat budget? Answered before
-anything is allocated.
+"""``memfit.plan.estimate``: will this training step fit in N GiB, with which optimizer, precision and remat
+budget, and how long will it take? Answered before anything is allocated.
 
-For a model, a batch shape and a memory limit, :func:`estimate` predicts, for each optimizer and remat setting,
-the peak memory of one training step by category, the predicted compute overhead of recomputation, whether it
-fits, and the largest batch that fits. Nothing real is allocated: the model is built on the ``meta`` device.
+How each figure is obtained (see ``docs/plan.md``):
 
-How each figure is obtained:
-
-- **no remat**: the step's forward and backward run eagerly on ``meta`` tensors under
-  :func:`memfit.memory.track` — the same ops, in the same order, as on a real device, with no data — so the
-  prediction is the measurement of a step that allocates nothing.
-- **optimizer state and update**: one ``optimizer.step()`` on ``meta`` tensors creates the state (its bytes are
-  read off the state tensors), a second runs under ``track`` (the update's temporaries). Optimizers that read a
-  value in ``step()`` (``.item()``: Adafactor, count-sketch) cannot step on ``meta``; their state comes from
-  the formula in their docstring and the update's temporaries are taken as one copy of the largest parameter.
-- **remat**: :func:`memfit.remat.capture` traces the step with fake tensors, :func:`memfit.remat.solve` schedules
-  it under ``budget * (no-remat peak beyond inputs)``; the schedule's simulated peak and cost give the peak and
-  the compute overhead.
-- **largest batch**: memory beyond parameters, gradients and optimizer state grows linearly with the batch; the
-  slope is everything at the no-remat peak but parameters and gradients, per example; a remat setting scales it
-  by its budget.
-- **deep presets** (GPTs of more than :data:`_REMAT_LAYERS` blocks): tracing a 48-block step takes minutes, so the
-  remat schedule is solved on a slice of the model with :data:`_REMAT_LAYERS` blocks (same width, batch and
-  sequence). Its compute overhead is taken as the full model's, and the remat peak as ``budget * (no-remat peak
-  beyond inputs)`` of the full model (what a solver that meets its budget reaches); rows say so in ``note``.
-
-The step's peak is the larger of the forward/backward peak (with the optimizer state resident) and the update's
-peak (parameters, gradients, state, temporaries).
+- **forward + backward**: the user's ``loss_fn(model, batch).backward()`` runs on fake tensors on the planned
+  device under :func:`memfit.memory.track` (:mod:`memfit.plan._trace`): same ops, same order, no data.
+- **optimizer**: one ``step()`` makes the state, a second is tracked (:mod:`memfit.plan._optimizers`), on the
+  path the real step takes; the fused CPU SM3 kernel is modelled from its source.
+- **step peak**: the larger of the forward/backward peak with the state resident and the update's peak with
+  the batch resident.
+- **remat**: :func:`memfit.remat.capture` traces the step, :func:`memfit.remat.solve` schedules it under
+  ``budget x (no-remat peak beyond inputs)``; the schedule's simulated peak and cost give the peak and the
+  compute overhead. GPTs deeper than :data:`_REMAT_LAYERS` blocks are scheduled on a slice.
+- **largest batch**: two traces give the memory at every timeline point as a line in the batch size
+  (:mod:`memfit.plan._search`); the largest batch whose peak fits is found by bisection.
+- **time**: every traced op at calibrated rates (:func:`memfit.remat.calibrate`): FLOPs, bytes moved, dispatch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
-from memfit.memory import MemoryReport, format_bytes, track
+from memfit.memory import MemoryReport, format_bytes
 from memfit.models import GPT, ModelSpec, get_model
-from memfit.optim import SM3, CountSketchAdam
+from memfit.plan._optimizers import OPTIMIZERS, UpdateTrace, settings, trace_update
+from memfit.plan._rows import Estimate, PlanRow, parse_bytes
+from memfit.plan._search import PeakCurve, largest_batch
+from memfit.plan._trace import Env, trace_forward_backward
+from memfit.plan._workload import PRECISIONS, PlanInputError, Workload, from_module, from_spec
 
-__all__ = ["OPTIMIZERS", "Estimate", "PlanRow", "estimate", "make_optimizer", "parse_bytes"]
+__all__ = ["DEFAULT_OPTIMIZERS", "estimate"]
 
 _REMAT_LAYERS = 4  # blocks of the slice a deep GPT's remat schedule is solved on
-
-OPTIMIZERS: dict[str, str] = {
-    "adam": "torch.optim.Adam",
-    "adagrad": "torch.optim.Adagrad",
-    "adafactor": "torch.optim.Adafactor",
-    "sm3": "memfit.optim.SM3 (no momentum)",
-    "sm3-bf16": "memfit.optim.SM3, momentum 0.9 in bfloat16",
-    "countsketch": "memfit.optim.CountSketchAdam",
-}
-
-
-def make_optimizer(name: str, params: Any, lr: float | None = None, **kwargs: Any) -> torch.optim.Optimizer:
-    """An optimizer by its name in :data:`OPTIMIZERS` (``lr``: its usual default when ``None``).
-
-    Raises:
-        ValueError: an unknown name (the message lists the known ones).
-    """
-    if name == "adam":
-        return torch.optim.Adam(params, lr=1e-3 if lr is None else lr, **kwargs)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=1e-2 if lr is None else lr, **kwargs)
-    if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=1e-2 if lr is None else lr, **kwargs)
-    if name == "sm3":
-        return SM3(params, lr=0.1 if lr is None else lr, **{"momentum": 0.0, **kwargs})
-    if name == "sm3-bf16":
-        return SM3(
-            params,
-            lr=0.1 if lr is None else lr,
-            **{"momentum": 0.9, "momentum_dtype": torch.bfloat16, **kwargs},
-        )
-    if name == "countsketch":
-        return CountSketchAdam(params, lr=1e-3 if lr is None else lr, **kwargs)
-    raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
-
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20}
-_UNITS.update({"g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40})
-
-
-def parse_bytes(text: str | int) -> int:
-    """``"24GiB"`` -> bytes. Binary (KiB, MiB, GiB, TiB; also K, M, G, T) and decimal (KB, MB, GB, TB) units.
-
-    Raises:
-        ValueError: a malformed or non-positive size.
-    """
-    if isinstance(text, int):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-        if m is None or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"cannot read {text!r} as a size: use e.g. 24GiB, 512MiB, 80GB or a byte count")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise ValueError(f"a memory size must be positive, got {text!r}")
-    return value
-
-
-@dataclass(frozen=True, kw_only=True)
-class PlanRow:
-    """The prediction for one (optimizer, remat setting).
-
-    Attributes:
-        optimizer: a key of :data:`OPTIMIZERS`.
-        remat: the remat budget as a fraction of the no-remat step's memory beyond inputs; ``None``: no remat.
-        peak_bytes: predicted peak of one training step.
-        breakdown: bytes by category at that peak: ``parameters`` (incl. buffers), ``gradients``,
-            ``optimizer_state``, ``activations`` (incl. temporaries), ``inputs`` (the batch).
-        step_overhead: predicted compute of forward + backward relative to no remat (1.0 without remat).
-        fits: ``peak_bytes <= memory`` (``None`` without a limit).
-        max_batch: largest batch size predicted to fit (``None`` without a limit; 0 when none does).
-        note: how a figure was obtained when it is not measured on meta (e.g. a state formula), else ``""``.
-    """
-
-    optimizer: str
-    remat: float | None
-    peak_bytes: int
-    breakdown: dict[str, int]
-    step_overhead: float
-    fits: bool | None
-    max_batch: int | None
-    note: str = ""
-
-
-@dataclass(kw_only=True)
-class Estimate:
-    """What :func:`estimate` predicted.
-
-    Attributes:
-        model: the model's name.
-        n_params: its parameter count.
-        batch_size: examples per batch.
-        seq_len: tokens per example (language models) or image side.
-        memory: the limit in bytes, or ``None``.
-        rows: one :class:`PlanRow` per optimizer and feasible remat setting.
-        notes: remat settings left out (infeasible budgets) and why.
-        seconds: wall time of the estimate.
-    """
-
-    model: str
-    n_params: int
-    batch_size: int
-    seq_len: int
-    memory: int | None
-    rows: list[PlanRow] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def best(self) -> PlanRow | None:
-        """The fastest setting that fits (least overhead, then least memory), or ``None``."""
-        fitting = [r for r in self.rows if r.fits]
-        return min(fitting, key=lambda r: (r.step_overhead, r.peak_bytes)) if fitting else None
-
-    def table(self) -> Any:
-        """A ``rich.table.Table`` of the rows."""
-        from rich.table import Table
-
-        limit = f", limit {format_bytes(self.memory)}" if self.memory else ""
-        table = Table(
-            title=f"memfit plan: {self.model} ({self.n_params:,} parameters), batch {self.batch_size}x{self.seq_len}"
-            f"{limit}",
-            caption="predicted without allocating (meta tensors); overhead: forward + backward compute vs no remat",
-        )
-        for col in ("optimizer", "remat", "peak", "params", "grads", "opt state", "activations", "overhead"):
-            table.add_column(col, justify="left" if col == "optimizer" else "right")
-        if self.memory:
-            table.add_column("fits")
-            table.add_column("max batch", justify="right")
-        for r in self.rows:
-            b = r.breakdown
-            cells = [
-                r.optimizer,
-                "none" if r.remat is None else f"{r.remat:.0%}",
-                format_bytes(r.peak_bytes),
-                format_bytes(b["parameters"]),
-                format_bytes(b["gradients"]),
-                format_bytes(b["optimizer_state"]),
-                format_bytes(b["activations"] + b["inputs"]),
-                f"{r.step_overhead:.2f}x",
-            ]
-            if self.memory:
-                cells += ["[green]yes[/]" if r.fits else "[red]no[/]", str(r.max_batch)]
-            table.add_row(*cells)
-        return table
+DEFAULT_OPTIMIZERS: tuple[str, ...] = tuple(OPTIMIZERS)
 
 
 def _group(breakdown: dict[str, int]) -> dict[str, int]:
@@ -208,252 +52,329 @@ def _group(breakdown: dict[str, int]) -> dict[str, int]:
     }
 
 
-def _forward_backward(model: nn.Module, spec: ModelSpec, batch: Any) -> MemoryReport:
-    for p in model.parameters():
-        p.grad = None
-    with track(model, inputs=batch) as t:
-        spec.loss_fn(model, batch).backward()
-    return t.report
-
-
-def _state_formula(name: str, params: Sequence[torch.Tensor]) -> int:
-    """Optimizer state bytes from the optimizers' own memory formulas (for those that cannot step on meta)."""
-    total = 0
-    for p in params:
-        if name == "adafactor":
-            # torch.optim.Adafactor: a row and a column factor for rank >= 2, a full variance for rank 1
-            if p.dim() >= 2:
-                total += (p.numel() // p.shape[-1] + p.numel() // p.shape[-2]) * 4
-            else:
-                total += p.numel() * 4
-            total += 4  # the step count
-        elif name == "countsketch":
-            if p.dim() >= 2:
-                n, row = p.shape[0], p.numel() // p.shape[0]
-                total += 2 * 3 * math.ceil(0.2 * n) * row * 4
-            else:
-                total += 2 * p.numel() * 4
-            total += 4
-        else:
-            raise ValueError(f"no state formula for {name!r}")
-    return total
-
-
-@dataclass
-class _OptPhase:
-    state_bytes: int
-    update_peak: int
-    update_breakdown: dict[str, int]
-    note: str
-
-
-def _optimizer_phase(name: str, model: nn.Module) -> _OptPhase:
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt = make_optimizer(name, params)
-    try:
-        opt.step()  # creates the state
-        with track(model, opt) as t:
-            opt.step()
-    except RuntimeError as exc:
-        if "meta" not in str(exc):
-            raise
-        state = _state_formula(name, params)
-        p_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        b_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-        g_bytes = sum(p.numel() * p.element_size() for p in params)
-        temp = max(p.numel() * p.element_size() for p in params)
-        breakdown = {
-            "parameters": p_bytes,
-            "buffers": b_bytes,
-            "gradients": g_bytes,
-            "optimizer_state": state,
-        }
-        breakdown["temporaries"] = temp
-        return _OptPhase(state, sum(breakdown.values()), breakdown, "state from formula")
-    finally:
-        for p in params:
-            p.grad = None
-    rep = t.report
-    return _OptPhase(
-        rep.baseline_breakdown["optimizer_state"], rep.total_peak_bytes, dict(rep.peak_breakdown), ""
-    )
-
-
 def estimate(
-    model: str | ModelSpec,
-    batch_size: int,
-    seq_len: int | None = None,
+    model: str | ModelSpec | Workload | nn.Module | Callable[[], nn.Module],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | int,
+    batch: Any = None,
     *,
     memory: int | str | None = None,
-    optimizers: Sequence[str] = tuple(OPTIMIZERS),
+    optimizers: Sequence[str] = DEFAULT_OPTIMIZERS,
     remat: Sequence[float | None] = (None, 0.5, 0.25),
+    precision: str = "fp32",
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
     method: str = "budget",
+    timing: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> Estimate:
-    """Predict the peak memory of a training step for each optimizer and remat setting, allocating nothing.
+    """Predict peak memory and step time of a training step per optimizer and remat setting, allocating nothing.
+
+    Two forms::
+
+        estimate(model, loss_fn, batch, memory="24GiB", precision="bf16-autocast")   # any model
+        estimate("gpt2-xl", 8, 1024, memory="24GiB")                                # a preset, batch 8x1024
 
     Args:
-        model: a preset or import path of :func:`memfit.models.get_model`, or a :class:`ModelSpec`.
-        batch_size: examples per batch.
-        seq_len: tokens per example (default: the preset's).
+        model: an ``nn.Module`` on any device (copied onto ``meta``: nothing of it is allocated), a zero-argument
+            factory (called under ``torch.device("meta")``), a preset name or import path of
+            :func:`memfit.models.get_model`, a :class:`memfit.models.ModelSpec`, or a :class:`Workload`.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``; for a preset: the batch size.
+        batch: a tensor or pytree of tensors (real, meta or fake; dim 0 is the batch axis); for a preset: the
+            sequence length (default: the preset's).
         memory: a limit (bytes or ``"24GiB"``); rows then say whether they fit and the largest batch that does.
-        optimizers: keys of :data:`OPTIMIZERS`.
-        remat: remat settings: ``None`` (no recomputation) and budgets in (0, 1] (fractions of the no-remat
-            step's memory beyond parameters, buffers and batch).
+        optimizers: keys of :data:`memfit.plan.OPTIMIZERS`.
+        remat: ``None`` (no recomputation) and budgets in (0, 1] (fractions of the no-remat step's memory
+            beyond parameters, buffers and batch).
+        precision: ``"fp32"``; ``"bf16"`` (parameters, gradients and float batch tensors in bfloat16);
+            ``"bf16-autocast"`` (float32 parameters, forward under ``torch.autocast(dtype=torch.bfloat16)``);
+            ``"fp16-autocast"`` (the same in float16, with a ``torch.amp.GradScaler``).
+        batch_size: plan this batch size (a user batch is scaled along dim 0); default: the batch's own.
+        device: the device planned for (default: the module's, else ``"cpu"``).
         method: the remat solver (see :func:`memfit.remat.solve`).
+        timing: predict step times at this machine's calibrated rates (planning for a device this machine does
+            not have gives no times).
         progress: called with a short message before each phase.
 
     Returns:
         The :class:`Estimate`.
 
     Raises:
-        ValueError: an unknown optimizer, a bad budget, size or batch.
+        PlanInputError: a model, loss or batch the planner cannot use (the message says which).
+        ValueError: an unknown optimizer or precision, a bad budget, size or batch.
         memfit.remat.UnsupportedGraph: a remat setting was asked for and the step cannot be captured.
     """
     t0 = time.perf_counter()
     say = progress or (lambda _msg: None)
-    spec = model if isinstance(model, ModelSpec) else get_model(model)
     for name in optimizers:
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
     for r in remat:
         if r is not None and not 0.0 < r <= 1.0:
             raise ValueError(f"a remat budget must be None or in (0, 1], got {r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
     limit = parse_bytes(memory) if memory is not None else None
-    seq = seq_len if seq_len is not None else spec.seq_len
-    with torch.device("meta"):
-        net = spec.build()
+    work = _workload(model, loss_fn, batch, batch_size)
+    dev = torch.device(device) if device is not None else _device_of(model)
+    autocast = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}.get(precision)
+    scaler = precision == "fp16-autocast"
+    env = Env(
+        dev,
+        _rates(dev) if timing else None,
+        meta=work.gpt is not None and autocast is None and dev.type == "cpu",
+    )
+    deep = work.gpt is not None and work.gpt.n_layer > _REMAT_LAYERS
+    if deep:
+        assert work.gpt is not None
+        with torch.device("meta"):  # its optimizers step on a slice of the model: see _scaled_update
+            meta_net = _cast(GPT(dataclasses.replace(work.gpt, n_layer=_REMAT_LAYERS)), precision)
+    else:
+        meta_net = _cast(work.build(), precision)  # the optimizers step on its meta parameters
+    net = _cast(work.build(), precision)
     net.train()
-    batch = spec.example_batch(batch_size, seq, device="meta")
-    say("forward + backward on meta tensors")
-    fb = _forward_backward(net, spec, batch)
+    net = env.module(net)
+    param_dtype = next((p.dtype for p in net.parameters()), torch.float32)
+
+    def traced(b: int) -> tuple[MemoryReport, float, int]:
+        fake = env.batch(_cast_batch(work.make_batch(b), precision))
+        step = trace_forward_backward(env, net, work.loss_fn, fake, autocast=autocast, scale_loss=scaler)
+        return step.report, step.seconds, _group(step.report.baseline_breakdown)["inputs"]
+
+    B = work.batch_size
+    say("forward + backward traced without data")
+    fb, fb_seconds, batch_bytes = traced(B)
+    curve: PeakCurve | None = None
+    if limit is not None:
+        say("forward + backward at twice the batch (memory as a function of the batch size)")
+        fb2 = traced(2 * B)[0]
+        curve = PeakCurve(B, fb.timeline_total, 2 * B, fb2.timeline_total)
     fixed = _group(fb.peak_breakdown)
-    fixed_bytes = fixed["parameters"]  # + gradients + state: per optimizer below
-    # memory that grows with the batch: everything at the peak but parameters and the gradients already made
-    var1 = fb.total_peak_bytes - fixed_bytes
-    slope = max(var1 - fixed["gradients"], 1) / batch_size
-    intercept = var1 - slope * batch_size  # gradients resident at the peak, mostly
+    resident = fixed["parameters"]  # parameters and buffers
 
     est = Estimate(
-        model=spec.name,
+        model=work.name,
         n_params=sum(p.numel() for p in net.parameters()),
-        batch_size=batch_size,
-        seq_len=seq,
+        batch_size=B,
+        seq_len=work.seq_len,
         memory=limit,
+        precision=precision,
+        device=str(dev),
     )
-    batch_bytes = fixed["inputs"]
-    captured: Any = None
-    plans: dict[float, tuple[int, int, float]] = {}  # budget -> (non-input peak, grads at peak, overhead)
-    budgets = [r for r in remat if r is not None]
-    if budgets:
-        from memfit import remat as _remat
-
-        say("capturing the step for remat (fake tensors)")
-        slice_net, sliced = net, False
-        if spec.gpt is not None and spec.gpt.n_layer > _REMAT_LAYERS:
-            with torch.device("meta"):
-                slice_net = GPT(dataclasses.replace(spec.gpt, n_layer=_REMAT_LAYERS))
-            sliced = True
-            est.notes.append(
-                f"remat rows: scheduled on a {_REMAT_LAYERS}-block slice of the {spec.gpt.n_layer}-block model; "
-                "overhead from the slice, peak = budget x the full model's no-remat memory beyond inputs, feasible above "
-                "the slice's least memory + one block input per further block"
-            )
-        captured = _remat.capture(slice_net, spec.loss_fn, batch)  # type: ignore[operator]  # lazy export
-        graph = captured.graph
-        inputs = captured.input_bytes
-        base = _remat.solve(graph, None, method="noremat").simulate()
-        noninput = base.peak - inputs
-        if sliced:
-            plans.update(
-                _sliced_plans(
-                    spec,
-                    graph,
-                    inputs,
-                    noninput,
-                    budgets,
-                    fb,
-                    fixed_bytes + batch_bytes,
-                    batch_size,
-                    seq,
-                    method,
-                    est.notes,
-                )
-            )
-        for b in budgets if not sliced else ():
-            say(f"solving remat at {b:.0%}")
-            try:
-                sched = _remat.solve(graph, inputs + int(b * noninput), method=method)  # type: ignore[arg-type]
-            except _remat.InfeasibleBudget as exc:
-                est.notes.append(
-                    f"remat {b:.0%}: infeasible ({method} reaches {format_bytes(exc.min_peak - inputs)} beyond inputs "
-                    f"at best, {(exc.min_peak - inputs) / max(noninput, 1):.0%} of no remat)"
-                )
-                continue
-            sim = sched.simulate()
-            overhead = sim.cost / base.cost if base.cost else 1.0
-            plans[b] = (sim.peak - inputs, _outputs_at_peak(sched, sim), overhead)
+    if env.rates is None and timing:
+        est.notes.append(f"no step times: this machine cannot calibrate {dev}")
+    plans = _remat_plans(work, precision, remat, fb, resident + batch_bytes, method, est.notes, say)
+    if autocast is not None and plans:
+        est.notes.append(
+            "remat under autocast: overhead from the float32 graph's schedule; peak = budget x the autocast step's "
+            "memory beyond inputs"
+        )
 
     for name in optimizers:
         say(f"optimizer {name}")
-        opt = _optimizer_phase(name, net)
+        upd = trace_update(env, name, meta_net, grad_scaler=scaler)
+        if deep:
+            upd = _scaled_update(upd, meta_net, net)
+        upd_peak = upd.peak_bytes + batch_bytes  # the batch is still held while the optimizer steps
         for r in remat:
             if r is not None and r not in plans:
                 continue
             if r is None:
-                bd = _group(fb.peak_breakdown)
-                bd["optimizer_state"] = opt.state_bytes
-                peak_fb = fb.total_peak_bytes + opt.state_bytes
-                overhead = 1.0
-                slope_r, intercept_r = slope, intercept
+                bd = dict(fixed)
+                bd["optimizer_state"] = upd.state_bytes
+                peak_fb = fb.total_peak_bytes + upd.state_bytes
+                overhead, ratio = 1.0, 1.0
             else:
                 noninput, grads, overhead = plans[r]
+                if autocast is not None:
+                    noninput = int(r * (fb.total_peak_bytes - resident - batch_bytes))
+                    grads = 0
                 bd = {
-                    "parameters": fixed["parameters"],
+                    "parameters": resident,
                     "gradients": grads,
-                    "optimizer_state": opt.state_bytes,
+                    "optimizer_state": upd.state_bytes,
                     "activations": noninput - grads,
                     "inputs": batch_bytes,
                 }
                 peak_fb = sum(bd.values())
-                slope_r, intercept_r = slope * r, intercept
+                ratio = noninput / max(fb.total_peak_bytes - resident - batch_bytes, 1)
             peak = peak_fb
-            if opt.update_peak > peak_fb:
-                peak, bd = opt.update_peak, _group(opt.update_breakdown)
-            fits = None if limit is None else peak <= limit
+            if upd_peak > peak_fb:
+                peak, bd = upd_peak, _group(upd.breakdown)
+                bd["inputs"] = batch_bytes
             max_batch = None
-            if limit is not None:
-                room = limit - fixed_bytes - opt.state_bytes - intercept_r
-                by_fb = int(room // slope_r) if room > 0 else 0
-                max_batch = by_fb if opt.update_peak <= limit else 0
+            if limit is not None and curve is not None:
+                max_batch = largest_batch(_peak_at(curve, upd, resident, batch_bytes / B, ratio), limit)
+            step_s = fb_seconds * overhead + upd.seconds if env.rates is not None else None
             est.rows.append(
                 PlanRow(
                     optimizer=name,
                     remat=r,
-                    peak_bytes=peak,
-                    breakdown=bd,
+                    peak_bytes=int(peak),
+                    breakdown={k: int(v) for k, v in bd.items()},
                     step_overhead=overhead,
-                    fits=fits,
+                    fits=None if limit is None else peak <= limit,
                     max_batch=max_batch,
-                    note=opt.note,
+                    note=upd.note,
+                    settings=settings(name, dev, param_dtype),
+                    step_seconds=step_s,
+                    update_seconds=upd.seconds if env.rates is not None else None,
                 )
             )
     est.seconds = time.perf_counter() - t0
     return est
 
 
+def _scaled_update(upd: UpdateTrace, part: nn.Module, full: nn.Module) -> UpdateTrace:
+    """The update of ``full`` from its trace on ``part``, a model with the same parameter shapes, fewer blocks.
+
+    Each parameter's state depends on its shape and dtype only, so the full model's state is the sum of the
+    state per parameter of each shape; the update's temporaries of a for-loop or fused kernel are those of the
+    parameter being updated (the slice holds every shape), so they carry over.
+    """
+    part_bytes = sum(p.numel() * p.element_size() for p in part.parameters())
+    per = upd.state_by_shape
+    if not part_bytes or per is None:
+        return upd
+    full_state = sum(per.get((tuple(p.shape), p.dtype), 0) for p in full.parameters())
+    resident = {
+        "parameters": sum(p.numel() * p.element_size() for p in full.parameters()),
+        "buffers": sum(b.numel() * b.element_size() for b in full.buffers()),
+        "gradients": sum(p.numel() * p.element_size() for p in full.parameters() if p.requires_grad),
+    }
+    temps = upd.breakdown.get("temporaries", 0) + upd.breakdown.get("activations", 0)
+    breakdown = {**resident, "optimizer_state": int(full_state), "temporaries": temps}
+    scale = resident["parameters"] / part_bytes
+    return UpdateTrace(
+        state_bytes=int(full_state),
+        peak_bytes=sum(breakdown.values()),
+        breakdown=breakdown,
+        seconds=upd.seconds * scale,
+        note=(upd.note + "; " if upd.note else "") + "update traced on a slice of the model",
+    )
+
+
+def _peak_at(
+    curve: PeakCurve, upd: UpdateTrace, resident: int, batch_per_example: float, ratio: float
+) -> Callable[[int], float]:
+    """The step's peak at batch size ``b``: remat scales the memory beyond inputs by ``ratio``."""
+
+    def peak(b: int) -> float:
+        inputs = resident + batch_per_example * b
+        fb = inputs + ratio * (curve(b) - inputs) + upd.state_bytes
+        return max(fb, upd.peak_bytes + batch_per_example * b)
+
+    return peak
+
+
+def _workload(model: Any, loss_fn: Any, batch: Any, batch_size: int | None) -> Workload:
+    if isinstance(model, Workload):
+        return model
+    if isinstance(model, (str, ModelSpec)):
+        if not isinstance(loss_fn, int) or isinstance(loss_fn, bool):
+            raise PlanInputError(
+                "a preset is planned as estimate(name, batch_size, seq_len); for your own model pass "
+                "estimate(module_or_factory, loss_fn, batch)"
+            )
+        spec = model if isinstance(model, ModelSpec) else get_model(model)
+        return from_spec(spec, batch_size or loss_fn, batch)
+    if isinstance(loss_fn, int):
+        raise PlanInputError("estimate(model, loss_fn, batch): loss_fn must be callable, got an int")
+    return from_module(model, loss_fn, batch, batch_size=batch_size)
+
+
+def _device_of(model: Any) -> torch.device:
+    if isinstance(model, nn.Module):
+        for t in (*model.parameters(), *model.buffers()):
+            if t.device.type != "meta":
+                return t.device
+    return torch.device("cpu")
+
+
+def _rates(dev: torch.device) -> Any:
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return None
+    if dev.type not in ("cpu", "cuda"):
+        return None
+    from memfit.remat import calibrate
+
+    return calibrate(dev)  # type: ignore[operator]  # lazy export
+
+
+def _cast(module: nn.Module, precision: str) -> nn.Module:
+    return module.to(torch.bfloat16) if precision == "bf16" else module
+
+
+def _cast_batch(batch: Any, precision: str) -> Any:
+    if precision != "bf16":
+        return batch
+    return pytree.tree_map_only(
+        torch.Tensor, lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t, batch
+    )
+
+
+def _remat_plans(
+    work: Workload,
+    precision: str,
+    remat: Sequence[float | None],
+    fb: MemoryReport,
+    inputs_resident: int,
+    method: str,
+    notes: list[str],
+    say: Callable[[str], None],
+) -> dict[float, tuple[int, int, float]]:
+    """budget -> (peak beyond inputs, gradients resident at that peak, compute overhead) of each feasible budget."""
+    budgets = [r for r in remat if r is not None]
+    if not budgets:
+        return {}
+    from memfit import remat as _remat
+
+    say("capturing the step for remat (fake tensors)")
+    cast = "bf16" if precision == "bf16" else "fp32"
+    net = _cast(work.build(), cast)
+    net.train()
+    batch = _cast_batch(work.make_batch(work.batch_size), cast)
+    sliced = work.gpt is not None and work.gpt.n_layer > _REMAT_LAYERS
+    if sliced:
+        assert work.gpt is not None
+        with torch.device("meta"):
+            net = _cast(GPT(dataclasses.replace(work.gpt, n_layer=_REMAT_LAYERS)), cast)
+        net.train()
+        notes.append(
+            f"remat rows: scheduled on a {_REMAT_LAYERS}-block slice of the {work.gpt.n_layer}-block model; "
+            "overhead from the slice, peak = budget x the full model's no-remat memory beyond inputs, feasible "
+            "above the slice's least memory + one block input per further block"
+        )
+    captured = _remat.capture(net, work.loss_fn, batch)  # type: ignore[operator]  # lazy export
+    graph = captured.graph
+    inputs = captured.input_bytes
+    base = _remat.solve(graph, None, method="noremat").simulate()
+    noninput = base.peak - inputs
+    if sliced:
+        return _sliced_plans(work, graph, inputs, budgets, fb, inputs_resident, method, notes)
+    plans: dict[float, tuple[int, int, float]] = {}
+    for b in budgets:
+        say(f"solving remat at {b:.0%}")
+        try:
+            sched = _remat.solve(graph, inputs + int(b * noninput), method=method)  # type: ignore[arg-type]
+        except _remat.InfeasibleBudget as exc:
+            notes.append(
+                f"remat {b:.0%}: infeasible ({method} reaches {format_bytes(exc.min_peak - inputs)} beyond inputs "
+                f"at best, {(exc.min_peak - inputs) / max(noninput, 1):.0%} of no remat)"
+            )
+            continue
+        sim = sched.simulate()
+        overhead = sim.cost / base.cost if base.cost else 1.0
+        plans[b] = (sim.peak - inputs, _outputs_at_peak(sched, sim), overhead)
+    return plans
+
+
 def _sliced_plans(
-    spec: ModelSpec,
+    work: Workload,
     graph: Any,
     inputs: int,
-    slice_noninput: int,
     budgets: Sequence[float],
     fb: MemoryReport,
     resident: int,
-    batch_size: int,
-    seq: int,
     method: str,
     notes: list[str],
 ) -> dict[float, tuple[int, int, float]]:
@@ -465,16 +386,17 @@ def _sliced_plans(
     """
     from memfit import remat as _remat
 
-    assert spec.gpt is not None
+    assert work.gpt is not None
     base = _remat.solve(graph, None, method="noremat").simulate()
+    slice_noninput = base.peak - inputs
     try:
         _remat.solve(graph, inputs + 1, method=method)  # type: ignore[arg-type]
         slice_min = 1
     except _remat.InfeasibleBudget as exc:
         slice_min = exc.min_peak - inputs
-    boundary = batch_size * seq * spec.gpt.n_embd * 4
+    boundary = work.batch_size * (work.seq_len or 1) * work.gpt.n_embd * 4
     full_noninput = fb.total_peak_bytes - resident
-    full_min = slice_min + (spec.gpt.n_layer - _REMAT_LAYERS) * boundary
+    full_min = slice_min + (work.gpt.n_layer - _REMAT_LAYERS) * boundary
     plans: dict[float, tuple[int, int, float]] = {}
     for b in budgets:
         target = int(b * full_noninput)
@@ -501,10 +423,10 @@ def _outputs_at_peak(schedule: Any, sim: Any) -> int:
 
     graph = schedule.graph
     at = int(np.argmax(sim.memory))
-    resident: set[int] = set(graph.inputs)
+    live: set[int] = set(graph.inputs)
     for kind, v in schedule.events[: at + 1]:
         if kind == "compute":
-            resident.add(v)
+            live.add(v)
         else:
-            resident.discard(v)
-    return sum(graph.nbytes(v) for v in resident if graph.is_output(v))
+            live.discard(v)
+    return sum(graph.nbytes(v) for v in live if graph.is_output(v))

@@ -1,0 +1,229 @@
+"""Tracing a training step without data: fake tensors on the device the step is planned for.
+
+Every figure of a plan that is not a model of a compiled kernel is a *trace*: the step's own Python code runs
+with :class:`torch._subclasses.fake_tensor.FakeTensor` parameters and batch, which carry a shape, a dtype and a
+device (``cpu`` or ``cuda``) but no data, under :func:`memfit.memory.track`. The same ATen ops run in the same
+order as on the real device — autocast casts, the SDPA kernel the device would pick, the optimizer's for-loop or
+foreach path — so the tracker's peak is the peak the real step reaches, and nothing is allocated.
+
+Two dispatch modes help:
+
+- :class:`_Scalars`: ``.item()`` (``aten._local_scalar_dense``) cannot read a fake tensor. Optimizers read their
+  step count with it (``torch.optim.Adafactor``), a ``GradScaler`` its ``found_inf``, HF models check their
+  attention masks. The mode answers 1 for floats and integers and ``True`` for booleans: the value steers
+  arithmetic, never which tensors are made (the memory of the step does not depend on it).
+- :class:`_Cost`: the time of each op at calibrated rates (:class:`memfit.remat.Rates`): its FLOPs (torch's
+  flop-counter formulas) at the matmul rate, the bytes it reads and writes at the memory bandwidth, plus a
+  dispatch overhead — the cost model :func:`memfit.remat.capture` gives each graph node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from memfit._compat import TorchDispatchMode, fake_tensor_mode, op_returns_alias
+from memfit.memory import MemoryReport, track
+
+__all__ = ["Env", "StepTrace", "trace_forward_backward"]
+
+
+class _Scalars(TorchDispatchMode):
+    """Answers ``.item()`` on fake tensors with a stand-in value (see the module docstring)."""
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            t = args[0]
+            if t.dtype is torch.bool:
+                return True
+            return 1.0 if t.is_floating_point() else 1
+        if (
+            func is torch.ops.aten._to_copy.default
+            and _no_data(args[0])
+            and kwargs.get("device") is not None
+            and torch.device(kwargs["device"]).type == "cpu"
+            and args[0].numel() <= 4096
+        ):
+            # ``.tolist()`` of a few flags (e.g. an optimizer's all-finite check): real ones, as ``.item()`` above
+            return torch.ones(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+        return func(*args, **kwargs)
+
+
+def _no_data(t: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, torch.Tensor) and (t.device.type == "meta" or isinstance(t, FakeTensor))
+
+
+class _Cost(TorchDispatchMode):
+    """Sums each op's predicted seconds: ``flops / flops_per_s + bytes / bytes_per_s + op_overhead_s``."""
+
+    def __init__(self, rates: Any) -> None:
+        super().__init__()
+        self.rates = rates
+        self.seconds = 0.0
+        self._views: dict[Any, bool] = {}
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        view = self._views.get(func)
+        if view is None:
+            aliases, writes = op_returns_alias(func)
+            view = self._views[func] = bool(aliases) and not writes
+        r = self.rates
+        if view:
+            self.seconds += 0.5 * r.op_overhead_s
+            return out
+        moved = 0
+        for t in pytree.tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor):
+                moved += t.numel() * t.element_size()
+        self.seconds += (
+            _flops(func, args, kwargs, out) / r.flops_per_s + moved / r.bytes_per_s + r.op_overhead_s
+        )
+        return out
+
+
+def _flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
+    from torch.utils.flop_counter import flop_registry
+
+    packet = getattr(func, "overloadpacket", None)
+    if packet is None or packet not in flop_registry:
+        return 0
+    try:
+        return int(flop_registry[packet](*args, out_val=out, **kwargs))
+    except Exception:  # a formula that does not take this overload's arguments: bytes moved only
+        return 0
+
+
+@dataclass
+class StepTrace:
+    """A traced forward + backward (or optimizer update): the tracker's report and the predicted seconds."""
+
+    report: MemoryReport
+    seconds: float
+
+
+class Env:
+    """One fake-tensor world for a plan: converts meta modules and batches to fake tensors on ``device``.
+
+    Args:
+        device: the device planned for (``"cpu"``, ``"cuda"``, ...). Fake CUDA tensors need no GPU.
+        rates: the calibrated rates that time each op (``None``: no times).
+        meta: trace on plain ``meta`` tensors instead (several times faster per op). Only for models whose ops
+            on ``meta`` are the ops they run on ``device`` (memfit's GPT calls the CPU's fused attention kernel
+            on ``meta``) and without autocast (which ``meta`` tensors do not take).
+    """
+
+    def __init__(self, device: torch.device, rates: Any = None, *, meta: bool = False) -> None:
+        self.device = device
+        self.rates = rates
+        self.meta = meta
+        self.mode = fake_tensor_mode()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Fake tensors for every factory call, ``.item()`` answered."""
+        if self.meta:
+            with _Scalars():
+                yield
+            return
+        with self.mode, _Scalars():
+            yield
+
+    def module(self, meta_module: nn.Module) -> nn.Module:
+        """``meta_module`` with fake parameters and buffers on :attr:`device` (in place; nothing allocated)."""
+        if self.meta:
+            return meta_module
+        with self.active():
+            return meta_module.to_empty(device=self.device)
+
+    def batch(self, batch: Any) -> Any:
+        """A fake twin of ``batch`` (a pytree of real, meta or fake tensors) on :attr:`device`."""
+        device = "meta" if self.meta else self.device
+
+        def fake(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=device)
+
+        with self.active():
+            return pytree.tree_map_only(torch.Tensor, fake, batch)
+
+    @contextlib.contextmanager
+    def scalars(self) -> Iterator[None]:
+        """``.item()`` answered (for ``meta`` tensors)."""
+        with _Scalars():
+            yield
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[_Cost | None]:
+        if self.rates is None:
+            yield None
+            return
+        with _Cost(self.rates) as cost:
+            yield cost
+
+
+def trace_forward_backward(
+    env: Env,
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    batch: Any,
+    *,
+    autocast: torch.dtype | None,
+    scale_loss: bool,
+) -> StepTrace:
+    """Forward and backward of ``loss_fn(model, batch)`` on fake tensors under :func:`memfit.memory.track`.
+
+    The forward (the loss included) runs under ``torch.autocast`` when ``autocast`` is a dtype; the backward
+    outside it, as a user writes it. ``scale_loss``: the loss is multiplied by a scale first (what
+    ``GradScaler.scale`` does).
+
+    Raises:
+        LossError: ``loss_fn`` raised, or did not return a scalar tensor.
+    """
+    for p in model.parameters():
+        p.grad = None
+    with env.active(), track(model, inputs=batch) as t, env.timed() as cost:
+        ctx = (
+            torch.autocast(env.device.type, dtype=autocast)
+            if autocast is not None
+            else contextlib.nullcontext()
+        )
+        try:
+            with ctx:
+                loss = loss_fn(model, batch)
+        except Exception as exc:
+            raise LossError(f"loss_fn raised {type(exc).__name__}: {_first_line(exc)}") from exc
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise LossError(f"loss_fn must return a scalar tensor, got {got}")
+        if not loss.requires_grad:
+            raise LossError(
+                "loss_fn returned a tensor that does not require grad (no trainable parameter reached it)"
+            )
+        if scale_loss:
+            loss = loss * torch.full((), 65536.0, device=loss.device)
+        loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    return StepTrace(t.report, cost.seconds if cost is not None else 0.0)
+
+
+class LossError(ValueError):
+    """``loss_fn`` failed on the planned batch, or returned something other than a scalar tensor."""
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
