@@ -274,10 +274,10 @@ def test_calibrate_measures_positive_rates_once_per_process():
 
 def _capture_frontier(monkeypatch, name, budget):
     """Run one aot_eager compile and keep what ``_frontier`` was given and returned."""
-    from memfit.remat.compiled import backend as _inductor
+    from memfit.remat.compiled import choose
 
     seen = {}
-    real = _inductor._frontier
+    real = choose._frontier
 
     def spy(model, start, extra=()):
         extra = list(extra)
@@ -285,7 +285,7 @@ def _capture_frontier(monkeypatch, name, budget):
         seen.update(model=model, start=start, frontier=out, extra=extra)
         return out
 
-    monkeypatch.setattr(_inductor, "_frontier", spy)
+    monkeypatch.setattr(choose, "_frontier", spy)
     _plan_at(name, budget, RATES)
     return seen["model"], seen["start"], seen["frontier"], seen["extra"]
 
@@ -293,7 +293,7 @@ def _capture_frontier(monkeypatch, name, budget):
 def test_frontier_is_pareto_over_every_greedy_prefix(monkeypatch):
     """Peaks rise as costs fall along the frontier, each point's figures are the simulator's, and no prefix of any
     greedy pass (recomputed here independently) is both lower and cheaper than a frontier point."""
-    from memfit.remat.compiled import backend as _inductor
+    from memfit.remat.compiled import choose
 
     model, start, frontier, torch_sets = _capture_frontier(monkeypatch, "mini-gpt", 0.8)
     assert len(frontier) >= 3
@@ -301,7 +301,7 @@ def test_frontier_is_pareto_over_every_greedy_prefix(monkeypatch):
         assert p0 < p1 and c0 > c1
     for peak, cost, r in frontier:
         assert peak == model.simulate(r)[0] and cost == model.recompute_cost(r, start)
-    for scale in _inductor._COST_SCALES:
+    for scale in choose._COST_SCALES:
         cost = {n: c * scale if model.kind[n] == "extern" else c for n, c in model.cost.items()}
         r = set(start)
         for move in model.greedy(start, cost):
@@ -309,7 +309,7 @@ def test_frontier_is_pareto_over_every_greedy_prefix(monkeypatch):
             p, c = model.simulate(r)[0], model.recompute_cost(r, start)
             assert not any(p < fp and c < fc for fp, fc, _ in frontier), (scale, p, c)
     # torch's own knapsack at each activation_memory_budget level is a candidate too: none beats the frontier
-    assert len(torch_sets) == 1 + len(_inductor._TORCH_LEVELS)  # the default partition, and each level
+    assert len(torch_sets) == 1 + len(choose._TORCH_LEVELS)  # the default partition, and each level
     assert len({frozenset(r) for r in torch_sets}) >= 2  # the levels really change torch's choice
     for r in torch_sets:
         r = r | start
@@ -323,10 +323,10 @@ def test_fallback_attempts_partition_anew(monkeypatch):
     torch's partitioner replaces ``gm.graph`` with a CSE'd copy on every call; tags written on the old copy would
     be ignored and every attempt would return the first one's graphs.
     """
-    from memfit.remat.compiled import backend as _inductor
+    from memfit.remat.compiled import choose
 
     saved = []
-    real = _inductor._graph_peak
+    real = choose._graph_peak
 
     def pessimist(fw_gm, bw_gm, num_fwd_outputs, fused):
         peak, saved_bytes = real(fw_gm, bw_gm, num_fwd_outputs, fused)
@@ -335,7 +335,7 @@ def test_fallback_attempts_partition_anew(monkeypatch):
             peak if len(saved) == 1 else 10**15
         ), saved_bytes  # the reference, then every attempt "misses"
 
-    monkeypatch.setattr(_inductor, "_graph_peak", pessimist)
+    monkeypatch.setattr(choose, "_graph_peak", pessimist)
     with pytest.warns(UserWarning, match="below the lowest peak"):
         _plan_at("mini-gpt", 0.8, RATES)
     attempts = saved[1:]
@@ -348,12 +348,12 @@ def test_partitioner_pickles_to_its_id_for_inductors_cache_key():
     to the same bytes every time, or every compile bypasses the cache."""
     import pickle
 
-    from memfit.remat.compiled import backend as _inductor
+    from memfit.remat.compiled import backend
 
-    a = _inductor._make_partitioner(memfit.remat.backend(budget=0.5))
-    b = _inductor._make_partitioner(memfit.remat.backend(budget=0.2))
+    a = backend._make_partitioner(memfit.remat.backend(budget=0.5))
+    b = backend._make_partitioner(memfit.remat.backend(budget=0.2))
     assert pickle.dumps(a) == pickle.dumps(b)
-    assert a.uuid() == _inductor._source_hash() and len(a.uuid()) == 64
+    assert a.uuid() == backend._source_hash() and len(a.uuid()) == 64
 
 
 def test_addmm_fusion_moves_the_matmul_to_its_add():
@@ -362,7 +362,7 @@ def test_addmm_fusion_moves_the_matmul_to_its_add():
     another reader stays."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from memfit.remat.compiled.backend import _addmm_fusions, _reads_after_fusion
+    from memfit.remat.compiled.fusion import _addmm_fusions, _reads_after_fusion
 
     def f(a, b, c, d):
         m = torch.mm(a, b)

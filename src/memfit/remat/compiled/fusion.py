@@ -1,0 +1,259 @@
+"""inductor's fusion as memfit's model sees it: which values of an fx graph get a buffer of their own.
+
+A value's kind and storage (views and the value they alias, pieces of multi-output ops), the ops inductor runs as
+extern kernels, the ``addmm`` fusion of its post-grad pass (:func:`_addmm_fusions`), and :class:`_Fusion`, its
+store-or-inline choice for each pointwise value. :mod:`memfit.remat.compiled.model` builds the step's memory on
+these.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from memfit import _compat
+from memfit.remat.eager.capture import _alias_arg
+
+# Ops inductor runs as extern kernels (or as templates it does not fuse pointwise consumers into on every device):
+# their inputs and outputs are real buffers, and recomputing them costs their FLOPs.
+_EXTERN = frozenset(
+    {
+        "mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_scaled_mm",
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+        "_flash_attention_forward", "_efficient_attention_forward",
+        "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_flash_attention_for_cpu_backward",
+        "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention_backward",
+        "_flash_attention_backward", "_efficient_attention_backward",
+    }
+)  # fmt: skip
+
+
+def _hint(x: Any) -> int:
+    """A size as an int: a symbolic one (dynamic shapes) by the example value dynamo traced with."""
+    if not isinstance(x, torch.SymInt):
+        return int(x)
+    hint = getattr(x.node, "hint", None)  # SymNode.hint: the traced example's value, or None (unbacked)
+    return int(hint) if hint is not None else 1
+
+
+def _nbytes(val: Any) -> int:
+    if not isinstance(val, torch.Tensor):
+        return 0
+    return _hint(val.numel()) * val.element_size()
+
+
+def _name(node: fx.Node) -> str:
+    packet = getattr(node.target, "overloadpacket", None)
+    return str(getattr(packet, "__name__", node.target))
+
+
+def _kind(node: fx.Node) -> str:
+    """``"input"``, ``"view"``, ``"extern"``, ``"pointwise"``, ``"getitem"`` or ``"other"`` (reductions and the
+    rest: a kernel boundary of its own)."""
+    if node.op == "placeholder":
+        return "input"
+    if node.target is operator.getitem:
+        parent = node.args[0]
+        if isinstance(parent, fx.Node) and _is_view(parent):
+            return "view"  # a piece of split/unbind/chunk: a view of the op's input
+        return "getitem"
+    if _name(node) in _EXTERN:
+        return "extern"
+    tags = getattr(node.target, "tags", ())
+    if torch.Tag.pointwise in tags:
+        return "pointwise"
+    if _is_view(node):
+        return "view"
+    return "other"
+
+
+def _view_base(node: fx.Node) -> fx.Node | None:
+    """The value whose storage a view reads (for a piece of a multi-output view op, that op's input)."""
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        parent = node.args[0]
+        return _alias_arg(parent, int(node.args[1])) if _is_view(parent) else None  # type: ignore[arg-type]
+    return _alias_arg(node, 0) if _is_view(node) else None
+
+
+def _owners(nodes: Iterable[fx.Node], kind: dict[fx.Node, str]) -> dict[fx.Node, fx.Node]:
+    """Each value's storage owner: itself, or for a view (of a view ...) the value it aliases."""
+    owner: dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        base = _view_base(n) if kind[n] == "view" else None
+        owner[n] = owner.get(base, base) if base is not None else n
+    return owner
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target is operator.getitem:
+        return False
+    try:
+        return _alias_arg(node, 0) is not None
+    except Exception:  # an in-place op: not a view; it is never recomputed (saved)
+        return False
+
+
+def _is_tensors(val: Any) -> bool:
+    if isinstance(val, torch.Tensor):
+        return True
+    return isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)
+
+
+def _is_random(node: fx.Node) -> bool:
+    return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+
+
+def _is_impure(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def _addmm_fusions(nodes: Iterable[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """``{mm: add}`` for each ``add(mm(a, b), c)`` inductor's post-grad pass turns into ``addmm(c, a, b)`` at the
+    add (torch/_inductor/fx_passes/post_grad.py, ``addmm``; on GPUs not when every reader of the sum is pointwise).
+    The matmul then runs where the add is, and its inputs live until there: with tied weights (an LM head sharing
+    the embedding), the logits' gradient is held to the end of the backward."""
+    out: dict[fx.Node, fx.Node] = {}
+    for add in nodes:
+        if (
+            add.op != "call_function"
+            or _name(add) != "add"
+            or len(add.args) != 2
+            or add.kwargs.get("alpha", 1) != 1
+        ):
+            continue
+        val = add.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        for mm, inp in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+            if not (
+                isinstance(mm, fx.Node)
+                and _name(mm) == "mm"
+                and len(mm.users) == 1
+                and isinstance(inp, fx.Node)
+            ):
+                continue
+            ival, mval = inp.meta.get("val"), mm.meta.get("val")
+            if (
+                not (isinstance(ival, torch.Tensor) and isinstance(mval, torch.Tensor))
+                or ival.dtype != mval.dtype
+            ):
+                continue
+            if any(
+                a.meta.get("val") is None or a.meta["val"].dtype != ival.dtype for a in mm.all_input_nodes
+            ):
+                continue
+            try:
+                torch.broadcast_shapes(tuple(ival.shape), tuple(mval.shape))
+            except RuntimeError:
+                continue
+            if tuple(ival.shape) != tuple(mval.shape) and len(ival.shape) > len(mval.shape):
+                continue
+            if val.device.type != "cpu" and all(_kind(u) == "pointwise" for u in add.users):
+                continue  # should_prefer_unfused_addmm
+            out[mm] = add
+            break
+    return out
+
+
+def _reads_after_fusion(
+    nodes: Sequence[fx.Node], fused: bool
+) -> tuple[dict[fx.Node, list[fx.Node]], dict[fx.Node, fx.Node]]:
+    """Each node's inputs as inductor runs it (a fused matmul's inputs read at its add), and the fusions
+    (``{mm: add}``, :func:`_addmm_fusions`; none when ``fused`` is false)."""
+    reads = {n: list(n.all_input_nodes) for n in nodes}
+    pairs = _addmm_fusions(nodes) if fused else {}
+    for mm, add in pairs.items():
+        reads[add] = [a for a in reads[add] if a is not mm] + reads[mm]
+        reads[mm] = []
+    return reads, pairs
+
+
+class _Fusion:
+    """inductor's store-or-inline choice for each pointwise value of one run of a graph, as its lowering makes it.
+
+    A pointwise value is *inlined*, computed inside the loops of each op that reads it (a pointwise op, a reduction,
+    a view that is itself inlined), unless it is kept (a graph output, a saved value), an op inductor does not fuse
+    into reads it (an extern kernel, a fallback, an op in ``needs_realized_inputs``), its fused expression reads
+    more buffers than ``realize_acc_reads_threshold``, or several ops read it and its expression is dear to repeat
+    (``ir.StorageBox.should_realize_on_reuse``): on CPU, one with a transcendental op. inductor counts the reads of
+    its loop IR (each indexing of a buffer is a read) against 4; memfit counts distinct fx values against 2, and
+    counts ``erf`` as transcendental. Calibrated so on inductor's buffer plans: within 5% on a 6-layer GPT-2 over
+    its budgets and on a small GPT, where inductor's own thresholds applied to fx values predicted 27% low.
+    Reductions' results are buffers. Values are fed in order, so every input's expression is known when a value is
+    decided.
+    """
+
+    _READS_ON_REUSE = 2
+    _HEAVY_CPU = frozenset({"exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh", "erf"})
+
+    def __init__(self, addmm: Iterable[fx.Node] = (), memo: dict[fx.Node, bool] | None = None) -> None:
+        self.rules = _compat.inductor_inline_rules()
+        self.addmm = set(addmm)  # adds that became addmm kernels (_addmm_fusions)
+        # _fuses_inputs depends on the graph alone: a model keeps one memo for all its runs (same addmm)
+        self._fuses = {} if memo is None else memo
+        self._expr: dict[
+            Any, tuple[frozenset[Any], bool]
+        ] = {}  # an inlined value: (buffers read, transcendental)
+
+    def load(self, key: Any) -> tuple[frozenset[Any], bool]:
+        """What a fused loop reads to load value ``key``: its buffer, or an inlined value's expression."""
+        return self._expr.get(key) or (frozenset((key,)), False)
+
+    def inline(self, key: Any, inputs: Iterable[Any]) -> None:
+        """``key`` (a view) reads as its input does."""
+        for k in inputs:
+            if k in self._expr:
+                self._expr[key] = self._expr[k]
+            return
+
+    def stored(
+        self, key: Any, node: fx.Node, inputs: Iterable[Any], users: Iterable[fx.Node], kept: bool
+    ) -> bool:
+        """Whether pointwise ``node`` (the value ``key``, reading the values ``inputs``) gets a buffer of its own."""
+        reads: set[Any] = set()
+        cpu = _device_type(node) == "cpu"
+        heavy = cpu and _name(node) in self._HEAVY_CPU
+        for k in inputs:
+            r, h = self.load(k)
+            reads |= r
+            heavy = heavy or h
+        users = set(users)  # an op reading the value twice is one reader
+        store = (
+            kept
+            or not self.rules.lowered(node.target)
+            or any(not self._fuses_inputs(u) for u in users)
+            or len(reads) > self.rules.acc_reads["cpu" if cpu else "other"]
+            or (len(users) > 1 and (heavy or len(reads) > self._READS_ON_REUSE))
+        )
+        if not store:
+            self._expr[key] = (frozenset(reads), heavy)
+        return store
+
+    def _fuses_inputs(self, user: fx.Node) -> bool:
+        """Whether ``user`` loads its inputs inside its own loops; a view does when all that read it do (an extern
+        kernel reading a view of an inlined value realizes the value)."""
+        known = self._fuses.get(user)
+        if known is None:
+            known = self._fuses[user] = self._loads_inline(user)
+        return known
+
+    def _loads_inline(self, user: fx.Node) -> bool:
+        if user.op != "call_function" or user in self.addmm:
+            return False
+        kind = _kind(user)
+        if kind == "extern":
+            return False
+        if kind == "view":
+            return all(self._fuses_inputs(u) for u in user.users)
+        return kind == "pointwise" or self.rules.lowered(user.target)
+
+
+def _device_type(node: fx.Node) -> str:
+    val = node.meta.get("val")
+    return val.device.type if isinstance(val, torch.Tensor) else "cpu"

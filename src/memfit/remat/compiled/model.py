@@ -1,0 +1,435 @@
+"""The memory and cost model of a partition: a step's peak and recomputation cost for a choice of saved values.
+
+:class:`_Model` holds the joint graph (forward and backward) as values with sizes and costs, simulates the step for
+a recompute set (the forward, then the backward in AOTAutograd's order, under inductor's fusion:
+:mod:`memfit.remat.compiled.fusion`), and makes the greedy moves from saved to recomputed (bytes freed per second
+recomputed). :func:`_graph_peak` applies the same model to the forward and backward graphs a partitioner returns.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from torch import fx
+from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import CheckpointPolicy
+
+from memfit.remat.compiled.fusion import (
+    _Fusion,
+    _is_impure,
+    _is_random,
+    _is_tensors,
+    _kind,
+    _nbytes,
+    _owners,
+    _reads_after_fusion,
+)
+from memfit.remat.eager.capture import Rates, _flops
+
+
+class _Model:
+    """The joint graph as values with sizes, costs and the fusion model, and the step simulator."""
+
+    def __init__(self, gm: fx.GraphModule, num_fwd_outputs: int, rates: Rates, fused: bool) -> None:
+        self.fused = fused
+        graph = gm.graph
+        self.nodes = [n for n in graph.nodes if n.op != "output"]
+        out = next(n for n in graph.nodes if n.op == "output")
+        outs = [a for a in pytree.tree_leaves(out.args[0]) if isinstance(a, fx.Node)]
+        self.fw_outputs = set(outs[:num_fwd_outputs])
+        self.bw_outputs = set(outs[num_fwd_outputs:])
+        tangents = {n for n in self.nodes if n.op == "placeholder" and "tangents" in str(n.target)}
+        # forward = ancestors of the forward outputs that do not depend on a tangent; backward = the rest
+        needs_tangent: set[fx.Node] = set()
+        for n in self.nodes:
+            if n in tangents or any(a in needs_tangent for a in n.all_input_nodes):
+                needs_tangent.add(n)
+        fw: set[fx.Node] = set()
+        stack = [n for n in self.fw_outputs if n not in needs_tangent]
+        while stack:
+            n = stack.pop()
+            if n in fw or n.op == "placeholder":
+                continue
+            fw.add(n)
+            stack.extend(a for a in n.all_input_nodes if a not in needs_tangent)
+        # every piece of a forward multi-output op is a forward value (an attention's logsumexp, a norm's rstd)
+        for n in list(fw):
+            fw.update(u for u in n.users if u.target is operator.getitem and u not in needs_tangent)
+        self.fw = [n for n in self.nodes if n in fw]
+        self._fw_set = fw
+        self.bw = [n for n in self.nodes if n.op == "call_function" and n not in fw]
+        # backward ops that read no tangent (e.g. an activation's derivative): torch's partitioner may move them
+        # into the forward and save their result; memfit keeps them in the backward, where it models them
+        self.unclaimed = [n for n in self.bw if n not in needs_tangent]
+        self._unclaimed_set = set(self.unclaimed)
+        self.kind = {n: _kind(n) for n in self.nodes}
+        # a view's memory is its base's: map every value to the value that owns its storage
+        self.owner = _owners(self.nodes, self.kind)
+        self.bytes = {
+            n: 0 if self.kind[n] in ("view", "input") else _nbytes(n.meta.get("val")) for n in self.nodes
+        }
+        self.cost: dict[fx.Node, float] = {}
+        for n in self.fw:
+            if self.kind[n] == "extern":
+                read = sum(_nbytes(a.meta.get("val")) for a in n.all_input_nodes)
+                self.cost[n] = (
+                    _flops(n) / rates.flops_per_s
+                    + (read + self.bytes[n]) / rates.bytes_per_s
+                    + rates.op_overhead_s
+                )
+            elif self.kind[n] in ("view", "getitem"):
+                self.cost[n] = 0.0
+            else:  # fused into its consumer: about the bytes it writes, once more
+                self.cost[n] = self.bytes[n] / rates.bytes_per_s
+        self.fixed = {  # forward values never recomputed: random, in-place, non-tensor, or saved by torch's rule
+            n
+            for n in self.fw
+            if _is_random(n)
+            or _is_impure(n)
+            or not _is_tensors(n.meta.get("val"))
+            or n.meta.get("recompute") == CheckpointPolicy.MUST_SAVE  # collectives, effectful ops
+        }
+        # a multi-output op is recomputed as one: the bytes it frees are its saved outputs'
+        self.outputs_of = {
+            n: [u for u in n.users if u.target is operator.getitem]
+            for n in self.fw
+            if self.kind[n] != "getitem"
+        }
+        for n in list(self.fixed):  # the outputs of a fixed multi-output op stay with it
+            self.fixed.update(u for u in n.users if u.target is operator.getitem)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        # the backward's matmuls inductor fuses into a following add (both backward ops, never recomputed)
+        self.reads, self.fused_mm = _reads_after_fusion(self.nodes, fused)
+        if any(a in self._fw_set for add in self.fused_mm.values() for a in [add, *add.all_input_nodes]):
+            self.reads, self.fused_mm = _reads_after_fusion(
+                self.nodes, False
+            )  # an add of the forward: as it is
+        self.addmm = set(self.fused_mm.values())
+        self._fuses_memo: dict[fx.Node, bool] = {}
+
+    # -------------------------------------------------------------------------------------------- fusion
+    def _materialized(
+        self,
+        key: tuple[fx.Node, bool],
+        users: Sequence[fx.Node],
+        kept: bool,
+        fusion: _Fusion,
+        inputs: list[Any],
+    ) -> bool:
+        n = key[0]
+        kind = self.kind[n]
+        if n in self.fused_mm:
+            return False  # a matmul inductor fuses into the add that reads it: it runs, and writes, there
+        if kind == "view":
+            fusion.inline(key, inputs)
+            return False
+        if kind == "input" or self.bytes[n] == 0:
+            return False
+        if not self.fused or kind in ("extern", "other", "getitem") or n in self.addmm:
+            return True
+        return fusion.stored(key, n, inputs, users, kept)
+
+    # -------------------------------------------------------------------------------------------- simulation
+    def simulate(self, recompute: set[fx.Node]) -> tuple[int, int]:
+        """``(peak, saved bytes)`` of the step when the forward values in ``recompute`` are recomputed in the
+        backward and every other forward value the backward needs is saved."""
+        saved = self.saved_set(recompute)
+        bw_seq = self._backward_order(recompute)
+        seq = [(n, False) for n in self.fw] + bw_seq
+        # last use of each storage owner over the whole sequence; recomputed copies are distinct values
+        position: dict[tuple[fx.Node, bool], int] = {key: i for i, key in enumerate(seq)}
+        last: dict[tuple[fx.Node, bool], int] = {}
+        users: dict[tuple[fx.Node, bool], list[fx.Node]] = {}
+        for i, (n, again) in enumerate(seq):
+            for a in self.reads[n]:
+                src = self._source(a, n, again, recompute)
+                if src is None:
+                    continue
+                users.setdefault(src, []).append(n)
+                # the storage read: a view's base, in the copy the reader sees (a recomputed view of a saved base
+                # reads the saved base)
+                owner = self._source(self.owner[a], n, again, recompute)
+                if owner is not None:
+                    last[owner] = max(last.get(owner, -1), i)
+        for n in self.fw_outputs:
+            if (n, False) in position:
+                last[(self.owner[n], False)] = len(seq)
+        for n in self.bw_outputs:
+            if (n, False) in position:
+                last[(self.owner[n], False)] = len(seq)
+        live = 0
+        peak = 0
+        frees: dict[int, int] = {}
+        fusion = _Fusion(self.addmm, self._fuses_memo)
+        for i, key in enumerate(seq):
+            n, again = key
+            kept = (n in saved and not again) or n in self.bw_outputs or n in self.fw_outputs
+            inputs = [self._source(a, n, again, recompute) or a for a in self.reads[n]]
+            if self._materialized(key, users.get(key, ()), kept, fusion, inputs):
+                size = self.bytes[n]
+                live += size
+                end = last.get(key, i)
+                frees[end] = frees.get(end, 0) + size
+            peak = max(peak, live)
+            live -= frees.pop(i, 0)
+        return peak, sum(self.bytes[n] for n in saved)
+
+    def _source(
+        self, a: fx.Node, reader: fx.Node, again: bool, recompute: set[fx.Node]
+    ) -> tuple[fx.Node, bool] | None:
+        """Which copy of ``a`` the op ``reader`` reads: a recomputation or a backward op reads the recomputed copy
+        of a recomputed value, a forward op the forward's."""
+        if a.op == "placeholder":
+            return None
+        return (a, a in recompute and (again or reader not in self._fw_set))
+
+    def saved_set(self, recompute: set[fx.Node]) -> set[fx.Node]:
+        """Forward values (storage owners) the backward reads, directly or through recomputed values."""
+        return self._reads(recompute)[0]
+
+    def recomputed(self, recompute: set[fx.Node]) -> set[fx.Node]:
+        """The values of ``recompute`` the backward really recomputes: those it reads, directly or through other
+        recomputed values (a value no backward op needs is not recomputed, whatever its tag)."""
+        return self._reads(recompute)[1]
+
+    def _reads(self, recompute: set[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
+        """``(saved, recomputed)``: walk back from the backward's forward inputs through recomputed values; every
+        value reached is recomputed if it is in ``recompute``, else saved (its storage owner)."""
+        saved: set[fx.Node] = set()
+        stack = [a for n in self.bw for a in n.all_input_nodes if a in self._fw_set]
+        seen: set[fx.Node] = set()
+        while stack:
+            a = stack.pop()
+            if a in seen:
+                continue
+            seen.add(a)
+            if a in recompute:
+                stack.extend(x for x in a.all_input_nodes if x in self._fw_set)
+            else:
+                saved.add(self.owner[a])
+        return saved, seen & recompute
+
+    def _backward_order(self, recompute: set[fx.Node]) -> list[tuple[fx.Node, bool]]:
+        """The backward as AOTAutograd orders it (``reordering_to_mimic_autograd_engine``): the ops that read a
+        tangent in their original order, each preceded by the not-yet-computed recomputed and tangent-free ops it
+        needs, those in their original order."""
+        lazy = recompute | self._unclaimed_set
+        done: set[fx.Node] = set()
+        seq: list[tuple[fx.Node, bool]] = []
+        for n in self.bw:
+            if n in self._unclaimed_set:
+                continue
+            need: set[fx.Node] = set()
+            stack = [a for a in n.all_input_nodes if a in lazy and a not in done]
+            while stack:
+                a = stack.pop()
+                if a in need or a in done:
+                    continue
+                need.add(a)
+                stack.extend(x for x in a.all_input_nodes if x in lazy and x not in done and x not in need)
+            for a in sorted(need, key=self.order.__getitem__):
+                done.add(a)
+                seq.append((a, a in recompute))
+            seq.append((n, False))
+        return seq
+
+    def recompute_cost(self, recompute: set[fx.Node], start: set[fx.Node]) -> float:
+        """Predicted seconds of recomputation added to the backward (``start``, the free views, excluded)."""
+        return math.fsum(self.cost[n] for n in self.recomputed(recompute) if n not in start)  # order-free
+
+    # -------------------------------------------------------------------------------------------- greedy
+    def candidates(self) -> list[fx.Node]:
+        """Forward ops that may be recomputed (the outputs of a multi-output op go with it, not alone)."""
+        return [n for n in self.fw if n not in self.fixed and self.kind[n] not in ("input", "getitem")]
+
+    def _values(self, n: fx.Node) -> list[fx.Node]:
+        """The values op ``n`` makes: itself, or its getitems."""
+        return self.outputs_of.get(n) or [n]
+
+    def greedy(
+        self, start: set[fx.Node], cost: dict[fx.Node, float] | None = None, limit_s: float = 30.0
+    ) -> list[list[fx.Node]]:
+        """Moves of forward values from saved to recomputed, in memfit's order: each move the one that frees the
+        most saved bytes per second of added recomputation, given the moves before it.
+
+        A move recomputes one saved value ``c`` and either saves whatever of its inputs is not yet available
+        (gain: ``c``'s bytes less theirs), or recomputes those inputs too, back to values already saved or
+        parameters (gain: all of ``c``'s bytes, cost: the whole chain). The second kind is what reaches per-block
+        checkpointing: a block's interior recomputed from its saved input. ``cost`` replaces :attr:`cost` (seconds
+        to recompute each op) in the ratios.
+        """
+        cost = self.cost if cost is None else cost
+        recompute = set(start)
+        moves: list[list[fx.Node]] = []
+        cands = [n for n in self.candidates() if n not in recompute]
+        t0 = time.perf_counter()
+        saved = self.saved_set(recompute)
+        while time.perf_counter() - t0 < limit_s:
+            best: list[fx.Node] | None = None
+            best_ratio = 0.0
+            for c in cands:
+                if c in recompute:
+                    continue
+                freed = sum(self.bytes[v] for v in self._values(c) if self.owner[v] is v and v in saved)
+                if freed <= 0:
+                    continue
+                missing = self._missing_inputs(c, saved, recompute)
+                simple_gain = freed - sum(self.bytes[x] for x in missing)
+                if simple_gain > 0:
+                    ratio = simple_gain / (cost[c] + 1e-9)
+                    if ratio > best_ratio:
+                        best, best_ratio = [c], ratio
+                if missing:
+                    chain = self._chain(c, saved, recompute)
+                    if chain is not None:
+                        ratio = freed / (sum(cost[x] for x in chain) + 1e-9)
+                        if ratio > best_ratio:
+                            best, best_ratio = chain, ratio
+            if best is None:
+                break
+            move: list[fx.Node] = []
+            for c in best:
+                for g in [c, *self.outputs_of.get(c, [])]:
+                    if g not in recompute:
+                        recompute.add(g)
+                        move.append(g)
+            moves.append(move)
+            saved = self.saved_set(recompute)
+        return moves
+
+    def _missing_inputs(self, c: fx.Node, saved: set[fx.Node], recompute: set[fx.Node]) -> set[fx.Node]:
+        """Storage owners among ``c``'s forward inputs that are neither saved nor recomputed."""
+        return {
+            o
+            for o in (self.owner[x] for x in c.all_input_nodes if x in self._fw_set)
+            if o in self._fw_set and o not in saved and o not in recompute
+        }
+
+    def _chain(
+        self, c: fx.Node, saved: set[fx.Node], recompute: set[fx.Node], cap: int = 256
+    ) -> list[fx.Node] | None:
+        """``c`` and the ancestors needed to recompute it from saved values and parameters, in topological order
+        (``None`` if that reaches a value that cannot be recomputed or more than ``cap`` ops)."""
+        chain: set[fx.Node] = set()
+        stack = [c]
+        while stack:
+            x = stack.pop()
+            if x in chain:
+                continue
+            if x is not c and x in self.fixed:
+                return None
+            chain.add(x)
+            if len(chain) > cap:
+                return None
+            for a in x.all_input_nodes:
+                if a not in self._fw_set or a in recompute:
+                    continue
+                o = self.owner[a]
+                if o in saved and a is o:
+                    continue
+                if a.target is operator.getitem and isinstance(a.args[0], fx.Node):
+                    a = a.args[0]  # a piece of a multi-output op: recompute the op
+                    if a in recompute or a in chain:
+                        continue
+                if a is not o and o in saved:
+                    continue  # a view of a saved value: free
+                stack.append(a)
+        return sorted(chain, key=self.order.__getitem__)
+
+
+def _graph_peak(
+    fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_outputs: int, fused: bool
+) -> tuple[int, int]:
+    """``(peak, saved bytes)`` of a partitioned pair under the same fusion model as :class:`_Model`: the forward,
+    then the backward, whose saved inputs are freed after their last use (inductor's boxed calling convention lets
+    it). A saved parameter or input costs nothing (it exists anyway); a saved view costs its base once."""
+    fw_nodes = [n for n in fw_gm.graph.nodes if n.op != "output"]
+    fw_kind = {n: _kind(n) for n in fw_nodes}
+    fw_owner = _owners(fw_nodes, fw_kind)
+    fw_out = next(n for n in fw_gm.graph.nodes if n.op == "output")
+    saved = [a for a in pytree.tree_leaves(fw_out.args[0]) if isinstance(a, fx.Node)][num_fwd_outputs:]
+    # each saved storage is carried once, by the first saved value that holds it
+    carried: dict[str, int] = {}
+    seen: set[fx.Node] = set()
+    for a in saved:
+        root = fw_owner[a]
+        size = 0 if root.op == "placeholder" or root in seen else _nbytes(root.meta.get("val"))
+        seen.add(root)
+        carried[a.name] = size
+    fw_peak, _ = _run_peak(fw_nodes, fw_kind, fw_owner, keep=set(saved), carry={}, fused=fused)
+    bw_nodes = [n for n in bw_gm.graph.nodes if n.op != "output"]
+    bw_kind = {n: _kind(n) for n in bw_nodes}
+    bw_out = next(n for n in bw_gm.graph.nodes if n.op == "output")
+    grads = {a for a in pytree.tree_leaves(bw_out.args[0]) if isinstance(a, fx.Node)}
+    carry = {n: carried[n.name] for n in bw_nodes if n.op == "placeholder" and n.name in carried}
+    bw_peak, _ = _run_peak(
+        bw_nodes, bw_kind, _owners(bw_nodes, bw_kind), keep=grads, carry=carry, fused=fused
+    )
+    return max(fw_peak, bw_peak + _held_bytes(fw_gm, num_fwd_outputs)), sum(carried.values())
+
+
+def _held_bytes(fw_gm: fx.GraphModule, num_fwd_outputs: int) -> int:
+    """Bytes the forward returns to the caller (the loss, any logits), held through the backward; storage the
+    forward also saves is counted with the saved values."""
+    nodes = [n for n in fw_gm.graph.nodes if n.op != "output"]
+    owner = _owners(nodes, {n: _kind(n) for n in nodes})
+    out = next(n for n in fw_gm.graph.nodes if n.op == "output")
+    args = [a for a in pytree.tree_leaves(out.args[0]) if isinstance(a, fx.Node)]
+    saved = {owner[a] for a in args[num_fwd_outputs:]}
+    returned = {owner[a] for a in args[:num_fwd_outputs]}
+    return sum(_nbytes(o.meta.get("val")) for o in returned - saved if o.op != "placeholder")
+
+
+def _run_peak(
+    nodes: list[fx.Node],
+    kind: dict[fx.Node, str],
+    owner: dict[fx.Node, fx.Node],
+    keep: set[fx.Node],
+    carry: dict[fx.Node, int],
+    fused: bool,
+) -> tuple[int, int]:
+    """``(peak, live at the end)`` of one graph run in order: ``carry`` are inputs that occupy memory until their
+    last use, ``keep`` values that live to the end (outputs)."""
+    reads, fused_mm = _reads_after_fusion(nodes, fused)
+    addmm = set(fused_mm.values())
+    last: dict[fx.Node, int] = {}
+    for i, n in enumerate(nodes):
+        for a in reads[n]:
+            last[owner[a]] = i
+    for n in keep:  # an output that is a view (a transposed weight gradient) keeps its base
+        last[owner[n]] = len(nodes)
+    frees: dict[int, int] = {}
+    live = 0
+    for p, size in carry.items():
+        live += size
+        end = last.get(owner[p], -1)
+        frees[end] = frees.get(end, 0) + size
+    live -= frees.pop(-1, 0)
+    peak = live
+    fusion = _Fusion(addmm)
+    for i, n in enumerate(nodes):
+        k = kind[n]
+        if k == "view":
+            fusion.inline(n, n.all_input_nodes)
+        # a matmul fused into its add runs, and writes, there
+        size = (
+            _nbytes(n.meta.get("val")) if n.op != "placeholder" and k != "view" and n not in fused_mm else 0
+        )
+        if size > 0:
+            materialized = (
+                not fused
+                or k in ("extern", "other", "getitem")
+                or n in addmm
+                or fusion.stored(n, n, reads[n], list(n.users), n in keep)
+            )
+            if materialized:
+                live += size
+                end = last.get(n, i)
+                frees[end] = frees.get(end, 0) + size
+        peak = max(peak, live)
+        live -= frees.pop(i, 0)
+    return peak, live + sum(frees.values())
