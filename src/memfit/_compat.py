@@ -355,10 +355,10 @@ def compiling_state() -> Any:
 
     try:
         from torch._export.utils import _compiling_state_context
-    except ImportError:
-        _compiling_state_context = None
-    if _compiling_state_context is not None:
+
         return _compiling_state_context()
+    except ImportError:
+        pass
 
     @contextlib.contextmanager
     def flags() -> Any:

@@ -18,10 +18,11 @@ from .models import cnn, image_batch, mlp, vector_batch, xent
 
 def _args(model, cap, flat, seed=1234):
     args = module_tensors(model, [*cap.param_names, *cap.buffer_names]) + list(flat)
-    return [*args, seed] if cap.n_random else args
+    return [*args, torch.Generator().manual_seed(seed).get_state()] if cap.n_random else args
 
 
 def _run(model, cap, schedule, flat, seed=1234):
+    """The lowered step's outputs (with random ops: and the generator state it leaves, last)."""
     gm = lower(cap, schedule)
     with torch.no_grad():
         return gm(*_args(model, cap, flat, seed))
@@ -110,20 +111,51 @@ def _dropout_setup():
     return _SETUP["model"], _SETUP["batch"], _SETUP["cap"], _SETUP["ref"]
 
 
-def test_random_ops_are_never_recomputed_and_their_masks_do_not_depend_on_the_schedule():
+def test_random_ops_are_recomputed_with_the_same_masks_and_draw_what_eager_autograd_draws():
+    """Dropout is recomputable: a recomputation replays the generator state its first compute started from. The
+    masks are eager autograd's at the same generator state, and the step leaves the generator where eager's
+    forward and backward leave it."""
     model, batch, cap, reference = _dropout_setup()
     g = cap.graph
-    random_nodes = [v for v, r in enumerate(cap.refs) if r is not None and r.random is not None]
-    assert random_nodes and all(not g.is_recomputable(v) for v in random_nodes)
+    random_nodes = [v for v, r in enumerate(cap.refs) if r is not None and r.random is not None and not r.rng]
+    assert random_nodes and all(g.is_recomputable(v) for v in random_nodes)
     everything = evicting_schedule(g, set(range(len(g))))
     computes = [v for kind, v in everything.events if kind == "compute"]
-    for v in random_nodes:
-        assert computes.count(v) <= 1
-    # the same seed gives the same masks under any schedule; another seed gives other masks
+    assert any(computes.count(v) > 1 for v in random_nodes)  # recomputed...
     again = _run(model, cap, everything, batch, seed=1234)
+    for a, b in zip(again, reference, strict=True):  # ...with the same masks
+        assert torch.equal(a, b)
     other = _run(model, cap, everything, batch, seed=99)
-    assert torch.equal(again[cap.loss_index], reference[cap.loss_index])
     assert not torch.equal(other[cap.loss_index], reference[cap.loss_index])
+    # eager autograd from the same generator state: the same loss and gradients, the same state after
+    torch.manual_seed(1234)
+    m = copy.deepcopy(model)
+    loss = xent(m, batch)
+    loss.backward()
+    assert torch.equal(torch.get_rng_state(), again[-1])
+    torch.testing.assert_close(again[cap.loss_index], loss.detach())
+    for name, i in cap.grad_outputs.items():
+        torch.testing.assert_close(again[i], m.get_parameter(name.removeprefix("model.")).grad)
+
+
+def test_attention_without_dropout_is_not_random():
+    """``scaled_dot_product_attention`` with ``dropout_p=0`` lowers to a flash kernel tagged random; it draws
+    nothing, so it is recomputable and runs without generator state."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(2, 8, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    cap = capture(Attention(), lambda m, b: m(b).square().mean(), torch.randn(2, 8, 16))
+    targets = {str(r.node.target) for r in cap.refs if r is not None}
+    assert any("flash_attention" in t for t in targets), targets
+    assert cap.n_random == 0 and cap.rng_device is None
+    assert all(cap.graph.is_recomputable(v) for v in range(len(cap.graph)) if not cap.graph.is_input(v))
 
 
 def test_measured_peak_of_noremat_step_equals_prediction():

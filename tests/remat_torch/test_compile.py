@@ -100,31 +100,37 @@ def test_a_new_batch_shape_is_captured_again_and_cached():
     assert step.captured is first
 
 
-def test_dropout_model_trains_and_random_nodes_run_once():
+def test_dropout_model_trains_like_eager_autograd_with_and_without_recomputation():
+    """Dropout draws eager autograd's masks at the same generator state, also where it is recomputed: training
+    with recomputation gives the loss curve of training without, bit for bit, and eager autograd's curve."""
     torch.manual_seed(0)
     model = mlp(width=32, depth=4, dropout=0.2)
     x, _ = vector_batch(256, 32)
     batch = (x, x[:, :10].argmax(dim=1))  # a learnable target
-    step = memfit.remat.compile(model, xent, batch, budget=0.5)
-    g = step.captured.graph
+    step = memfit.remat.compile(model, xent, batch, budget=0.4)
     computes = [v for kind, v in step.schedule.events if kind == "compute"]
     random_nodes = [v for v, r in enumerate(step.captured.refs) if r is not None and r.random is not None]
-    assert random_nodes
-    assert all(computes.count(v) == 1 for v in random_nodes if v in g.needed())
-    # train from the same start with and without recomputation: the same masks, the same losses, bit for bit
+    assert random_nodes and any(computes.count(v) > 1 for v in random_nodes)  # masks recomputed
     twin = copy.deepcopy(model)
     twin_step = memfit.remat.compile(twin, xent, batch)
+    eager = copy.deepcopy(model)
     curves = []
-    for m, st in ((model, step), (twin, twin_step)):
+    for m, st in ((model, step), (twin, twin_step), (eager, None)):
         torch.manual_seed(1)
         opt = torch.optim.Adam(m.parameters(), lr=1e-2)
         losses = []
         for _ in range(25):
             opt.zero_grad(set_to_none=True)
-            losses.append(float(st(batch)))
+            if st is None:
+                loss = xent(m, batch)
+                loss.backward()
+                losses.append(float(loss))
+            else:
+                losses.append(float(st(batch)))
             opt.step()
         curves.append(losses)
     assert curves[0] == curves[1]
+    assert curves[0] == pytest.approx(curves[2], rel=1e-4)
     assert curves[0][-1] < 0.7 * curves[0][0]
 
 

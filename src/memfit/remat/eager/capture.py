@@ -12,7 +12,11 @@ that graph becomes a node of a framework-free :class:`~memfit.remat.Graph`:
 - an op with several outputs (``native_layer_norm``, ``native_dropout``, ``convolution_backward``...) becomes one
   node per used output, each depending on the op's arguments; the lowering runs the op once for siblings that
   are computed together (see :mod:`memfit.remat.eager.lower`);
-- random ops (``Tag.nondeterministic_seeded``, e.g. dropout) and ops with side effects are not recomputable.
+- random ops (``Tag.nondeterministic_seeded`` with a nonzero ``dropout_p`` where the op has one: dropout, not
+  attention without dropout) draw from the global generator in capture order, as eager autograd's forward does:
+  the generator's state before random op k is a small graph value (``rng_state`` for k = 0, else an extra output of
+  random op k - 1), so a recomputation replays the same state and draws the same mask, and the first computes of
+  random ops keep their order; ops with side effects are not recomputable.
 
 Costs are seconds, estimated per node from FLOPs (``torch.utils.flop_counter``'s formulas) plus bytes moved,
 at rates calibrated once on the device (``cost="flops"``), or measured by running the captured graph on real
@@ -59,12 +63,14 @@ class ValueRef:
         index: which output of a multi-output op, else ``None``.
         view_of: graph id of the root base when this value is a view of another value, else ``None``.
         random: the op draws random numbers (its position among random ops, in capture order), else ``None``.
+        rng: this value is not an output of the op but the generator's state after it (random ops only).
     """
 
     node: fx.Node
     index: int | None
     view_of: int | None
     random: int | None
+    rng: bool = False
 
 
 @dataclass
@@ -84,7 +90,10 @@ class CapturedStep:
         buffer_outputs: buffer name -> index in the fx outputs of its new value.
         batch_spec: the pytree spec of the batch (the lowered step checks a new batch against it).
         batch_meta: (shape, dtype, device) of each flattened batch tensor.
-        n_random: number of random ops (each gets its own seed when the step runs).
+        n_random: number of random ops.
+        rng_device: the device whose default generator the random ops draw from (``None`` without random ops).
+        rng_input_id: graph node id of the generator state at the start of the step (an input), else ``None``.
+        rng_output_id: graph node id of the generator state after the last random op (an output), else ``None``.
         capture_seconds: wall time of the trace and graph construction.
         id_of: fx node (or (fx node, output index)) -> graph node id.
     """
@@ -104,6 +113,9 @@ class CapturedStep:
     n_random: int
     capture_seconds: float
     id_of: dict[Any, int] = field(default_factory=dict)
+    rng_device: torch.device | None = None
+    rng_input_id: int | None = None
+    rng_output_id: int | None = None
 
     @property
     def input_bytes(self) -> int:
@@ -138,6 +150,7 @@ class _LossModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]):
         super().__init__()
+        self._inner: _Inner
         object.__setattr__(self, "_inner", _Inner(model, loss_fn))  # not a submodule: its tensors are ours
         self.batch_spec: pytree.TreeSpec | None = None
         self.names: dict[str, list[str]] = {}
@@ -305,6 +318,15 @@ def _flops(node: fx.Node) -> int:
     return int(flops)
 
 
+def _written(record: _Record) -> int:
+    """Bytes one call of the record's op writes: all its outputs for a multi-output (or random) op."""
+    ref = record.ref
+    if ref is None or (ref.index is None and ref.random is None):
+        return record.nbytes
+    leaves = pytree.tree_leaves(ref.node.meta.get("val"))
+    return sum(_storage_bytes(t) for t in leaves if isinstance(t, torch.Tensor))
+
+
 def _estimate_cost(node: fx.Node, out_bytes: int, is_view: bool, rates: Rates) -> float:
     """Seconds for one op: FLOPs at the matmul rate + bytes read and written at the bandwidth + dispatch."""
     if is_view:
@@ -385,7 +407,8 @@ def _capture(
     device = flat[0].device
     _drop_identity_dropouts(gm)
     _drop_redundant_clones(gm)
-    records, id_of, n_random = _analyze(gm)
+    records, id_of, n_random, rng_device = _analyze(gm)
+    rng_ids = [gid for gid, r in enumerate(records) if r.ref is not None and r.ref.rng]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     out_args = list(out_node.args[0])
     output_ids = [id_of[_key(a)] for a in out_args]
@@ -394,12 +417,16 @@ def _capture(
         ref = records[gid].ref
         if ref is not None and ref.view_of is not None:
             outputs.add(ref.view_of)
+    if rng_ids:  # the generator is left where eager autograd's forward leaves it
+        outputs.add(rng_ids[-1])
     if cost == "profile":
         costs = _profile_costs(gm, records, wrapper, flat)
     else:
         rates = _calibrate(device)
         costs = [
-            0.0 if r.ref is None else _estimate_cost(r.ref.node, r.nbytes, r.ref.view_of is not None, rates)
+            0.0
+            if r.ref is None
+            else _estimate_cost(r.ref.node, _written(r), r.ref.view_of is not None, rates)
             for r in records
         ]
     _share_sibling_costs(records, costs)
@@ -425,6 +452,9 @@ def _capture(
         n_random=n_random,
         capture_seconds=time.perf_counter() - t0,
         id_of=id_of,
+        rng_device=rng_device,
+        rng_input_id=id_of.get(_RNG_INPUT),
+        rng_output_id=rng_ids[-1] if rng_ids else None,
     )
 
 
@@ -502,11 +532,48 @@ class _Record:
     placeholder: bool
 
 
-def _analyze(gm: fx.GraphModule) -> tuple[list[_Record], dict[Any, int], int]:
+_RNG_INPUT = "rng_state"
+
+
+def generator(device: torch.device) -> torch.Generator:
+    """The default generator of ``device`` (what dropout draws from there)."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index or torch.cuda.current_device()]
+    if device.type == "cpu":
+        return torch.default_generator
+    raise UnsupportedGraph(
+        op="<random>", reason=f"random ops on {device.type} (only CPU and CUDA are supported)"
+    )
+
+
+def _is_random(node: fx.Node) -> bool:
+    """The op draws random numbers: tagged ``nondeterministic_seeded``, and not an attention with ``dropout_p=0``
+    or a dropout with ``train=False``."""
+    target = node.target
+    if torch.Tag.nondeterministic_seeded not in getattr(target, "tags", ()):
+        return False
+    schema = getattr(target, "_schema", None)
+    for i, arg in enumerate(schema.arguments if schema is not None else ()):
+        if arg.name in ("dropout_p", "train"):
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name, arg.default_value)
+            if arg.name == "dropout_p" and isinstance(value, (int, float)) and float(value) == 0.0:
+                return False
+            if arg.name == "train" and value is False:
+                return False
+    return True
+
+
+def _device_of(val: Any) -> torch.device:
+    return next(t.device for t in pytree.tree_leaves(val) if isinstance(t, torch.Tensor))
+
+
+def _analyze(gm: fx.GraphModule) -> tuple[list[_Record], dict[Any, int], int, torch.device | None]:
     """One record per schedulable value of ``gm``, in topological order (record index = graph node id)."""
     records: list[_Record] = []
     id_of: dict[Any, int] = {}
     n_random = 0
+    rng_device: torch.device | None = None
+    rng_state: int | None = None  # graph id of the generator state before the next random op
 
     def root(gid: int) -> int:
         ref = records[gid].ref
@@ -540,7 +607,7 @@ def _analyze(gm: fx.GraphModule) -> tuple[list[_Record], dict[Any, int], int]:
         nbytes = 0 if view_of is not None else _storage_bytes(val)
         ref = ValueRef(node=node, index=index, view_of=view_of, random=random)
         id_of[key] = len(records)
-        records.append(_Record(key, name, nbytes, deps, ref, random is None and not _is_impure(node), False))
+        records.append(_Record(key, name, nbytes, deps, ref, not _is_impure(node), False))
         return id_of[key]
 
     for node in gm.graph.nodes:
@@ -559,45 +626,60 @@ def _analyze(gm: fx.GraphModule) -> tuple[list[_Record], dict[Any, int], int]:
             raise UnsupportedGraph(op=str(node.target), reason=f"unexpected fx node kind {node.op!r}")
         val = node.meta.get("val")
         random = None
-        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+        deps = deps_of(node) if isinstance(val, (torch.Tensor, tuple, list)) else []
+        if _is_random(node):
+            device = _device_of(val)
+            if rng_device is None:
+                rng_device = device
+                rng_state = id_of[_RNG_INPUT] = len(records)
+                # generator states are host-side snapshots (5 KiB on CPU, 16 bytes for CUDA), not the device memory
+                # a budget is about: 0 bytes
+                records.append(_Record(_RNG_INPUT, _RNG_INPUT, 0, [], None, False, False))
+            elif device != rng_device:
+                raise UnsupportedGraph(
+                    op=str(node.target), reason=f"random ops on two devices ({rng_device} and {device})"
+                )
             random = n_random
             n_random += 1
+            assert rng_state is not None
+            deps = [*deps, rng_state]
         if isinstance(val, torch.Tensor):
-            add(node, node.name, val, node, None, deps_of(node), random)
+            add(node, node.name, val, node, None, deps, random)
         elif isinstance(val, (tuple, list)):
-            deps = deps_of(node)
             users = sorted(
                 (u for u in node.users if u.target is operator.getitem), key=lambda u: int(u.args[1])
             )
-            first: int | None = None
             for u in users:
                 i = int(u.args[1])
                 if (node, i) in id_of or not isinstance(val[i], torch.Tensor):
                     continue
-                # the outputs of one random op must come from one call: chain them so they stay in order
-                d = deps if first is None or random is None else [*deps, first]
-                gid = add((node, i), u.name, val[i], node, i, d, random)
-                first = gid if first is None else first
+                add((node, i), u.name, val[i], node, i, deps, random)
         elif val is None and not node.users:
             continue  # an assertion-like op with no result: nothing to schedule
         else:
             raise UnsupportedGraph(op=str(node.target), reason=f"an output of type {type(val).__name__}")
-    return records, id_of, n_random
+        if random is not None:  # the generator's state after this op: what the next random op starts from
+            assert rng_state is not None and rng_device is not None
+            key = (node, "rng")
+            id_of[key] = len(records)
+            ref = ValueRef(node=node, index=None, view_of=None, random=random, rng=True)
+            records.append(_Record(key, f"{node.name}_rng", 0, deps, ref, True, False))
+            rng_state = id_of[key]
+    return records, id_of, n_random, rng_device
 
 
 def _share_sibling_costs(records: list[_Record], costs: list[float]) -> None:
-    """One op call makes all outputs of a multi-output op: its largest output carries the cost, the others a
-    dispatch's worth (the lowering runs the op once for siblings computed together)."""
+    """Every output of a multi-output op (and a random op's generator state) costs the whole op call: computed on
+    its own it takes one call, as the lowering runs it. Outputs computed back to back share one call; the
+    schedule's cost as run is :func:`memfit.remat.eager.lower.call_cost`, which counts calls, not values."""
     groups: dict[fx.Node, list[int]] = {}
     for gid, r in enumerate(records):
-        if r.ref is not None and r.ref.index is not None:
+        if r.ref is not None and (r.ref.index is not None or r.ref.random is not None):
             groups.setdefault(r.ref.node, []).append(gid)
     for members in groups.values():
-        head = max(members, key=lambda g: (records[g].nbytes, -g))
-        floor = min(costs[g] for g in members)
+        op = max(costs[g] for g in members)
         for g in members:
-            if g != head:
-                costs[g] = min(costs[g], floor * 0.01)
+            costs[g] = op
 
 
 def _make_graph(records: list[_Record], costs: list[float], outputs: set[int]) -> Graph:

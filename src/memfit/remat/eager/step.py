@@ -22,8 +22,15 @@ from memfit import _compat
 from memfit.remat.core.errors import InfeasibleBudget
 from memfit.remat.core.schedule import Schedule
 from memfit.remat.core.solve import Method
-from memfit.remat.eager.capture import CapturedStep, CostModel, capture, flatten_batch, module_tensors
-from memfit.remat.eager.lower import lower
+from memfit.remat.eager.capture import (
+    CapturedStep,
+    CostModel,
+    capture,
+    flatten_batch,
+    generator,
+    module_tensors,
+)
+from memfit.remat.eager.lower import call_cost, lower
 from memfit.remat.eager.updates import is_consuming, place_updates, sink_gradients
 
 __all__ = ["RematPlan", "RematStep", "compile"]
@@ -233,7 +240,7 @@ class RematStep:
             peak_bytes=sim.peak - inputs,
             noremat_peak_bytes=base_sim.peak - inputs,
             input_bytes=inputs,
-            cost_overhead=sim.cost / base_sim.cost if base_sim.cost > 0 else 1.0,
+            cost_overhead=_overhead(captured, schedule, base),
             recomputed_nodes=sim.computes - base_sim.computes,
             nodes=len(graph),
             capture_seconds=captured.capture_seconds,
@@ -249,9 +256,8 @@ class RematStep:
         tensors = module_tensors(self.model, names)
         by_name = dict(zip(names, tensors, strict=True))  # graph names ("model." + module path) -> tensor
         args: list[Any] = [*tensors, *flat]
-        if captured.n_random:
-            # one draw from the global generator per step: steps differ, schedules of one step agree
-            args.append(int(torch.randint(0, 2**62, (), dtype=torch.int64).item()))
+        if captured.rng_device is not None:  # random ops draw from the generator as eager autograd's would
+            args.append(generator(captured.rng_device).get_state())
         if compiled.updates:
 
             def on_gradient(name: str, g: torch.Tensor) -> None:
@@ -264,6 +270,8 @@ class RematStep:
         with torch.no_grad():
             outs = compiled.gm(*args)
         del args
+        if captured.rng_device is not None:
+            generator(captured.rng_device).set_state(outs[-1])
         for name, i in captured.grad_outputs.items():
             if outs[i] is not None:  # None: consumed inside the schedule
                 _accumulate(by_name[name], outs[i])
@@ -282,6 +290,12 @@ def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
         p.grad = g if g.stride() == p.stride() else g.clone(memory_format=torch.contiguous_format)
     else:
         p.grad.add_(g)
+
+
+def _overhead(captured: CapturedStep, schedule: Schedule, base: Schedule) -> float:
+    """Compute cost as run (one cost per op call) relative to the step without recomputation."""
+    cost, base_cost = call_cost(captured, schedule), call_cost(captured, base)
+    return cost / base_cost if base_cost > 0 else 1.0
 
 
 def _budget_bytes(budget: int | float, noremat_non_input: int) -> int:
