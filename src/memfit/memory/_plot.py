@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-from memfit.memory._report import CATEGORIES, format_bytes
-
-if TYPE_CHECKING:
-    from memfit.memory._report import MemoryReport
+from memfit.memory._common import CATEGORIES, format_bytes
 
 __all__ = ["plot_timeline"]
+
+
+class _Timeline(Protocol):
+    """What the picture reads of a :class:`~memfit.memory.MemoryReport` (which satisfies it)."""
+
+    @property
+    def total_peak_bytes(self) -> int: ...
+    @property
+    def peak_index(self) -> int: ...
+    @property
+    def timeline(self) -> dict[str, np.ndarray]: ...
+    @property
+    def timeline_ops(self) -> tuple[str, ...]: ...
+    @property
+    def n_ops(self) -> int: ...
+    @property
+    def marks(self) -> tuple[tuple[str, int], ...]: ...
+
 
 # One colour per category, stable across plots so two reports can be compared by eye: model state in
 # blues/purples (resident for the whole step), the step's own memory in warm colours.
@@ -29,7 +44,7 @@ _COLOURS: dict[str, str] = {
 _UNIT_STEPS = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
 
 
-def plot_timeline(report: MemoryReport, path: Path, *, title: str | None = None) -> Path:
+def plot_timeline(report: _Timeline, path: Path, *, title: str | None = None) -> Path:
     """Writes ``report``'s timeline as a stacked-area PNG.
 
     The x axis is the timeline point (0 = entry, then one point per ATen op, then exit); the y axis is
