@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _table
 from remat_sweep import _rss_kib, build, fresh_function, set_block_checkpointing
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -478,45 +479,50 @@ def _measured(r: dict[str, Any]) -> bool:
 
 
 def print_table(console: Any, description: str, configs: dict[str, dict[str, Any]]) -> None:
-    from rich.table import Table
-
     eager = configs["eager"]
-    table = Table(title=f"{description}, forward + backward — ratios against eager measured in the same run")
-    for col in (
-        "configuration",
-        "peak MiB",
-        "vs eager",
-        "predicted peak MiB",
-        "step s",
-        "vs eager",
-        "compile s",
-        "note",
-    ):
-        table.add_column(col, justify="left" if col in ("configuration", "note") else "right")
-    for cfg, r in configs.items():
-        if not _measured(r):
-            why = r.get("skipped") or r.get("error") or "not measured"
-            if r.get("feasible") is False:
-                why = f"infeasible: plan's min peak {r['min_peak_bytes'] / MIB:.1f} MiB; skipped"
-            table.add_row(label(cfg), "", "", "", "", "", "", why[:80])
-            continue
-        pred = r.get("compiled_peak_bytes") or r.get("predicted_peak_bytes")
-        note = ""
+
+    def why(r: dict[str, Any]) -> str:
+        if r.get("feasible") is False:
+            return f"infeasible: plan's min peak {r['min_peak_bytes'] / MIB:.1f} MiB; skipped"
+        return str(r.get("skipped") or r.get("error") or "not measured")
+
+    def pred(r: dict[str, Any]) -> str:
+        p = r.get("compiled_peak_bytes") or r.get("predicted_peak_bytes")
+        return "" if p is None else f"{p / MIB:.1f}"
+
+    def note(r: dict[str, Any]) -> str:
+        text = ""
         if r.get("kind") == "memfit":
-            note = f"{r['recomputed_ops']} ops recomputed, pred. +{r['recompute_cost_s']:.3f} s"
+            text = f"{r['recomputed_ops']} ops recomputed, pred. +{r['recompute_cost_s']:.3f} s"
         if r.get("graphs", 1) > 1:
-            note = f"{r['graphs']} graphs! " + note
-        table.add_row(
-            label(cfg),
-            f"{r['peak_bytes'] / MIB:.1f}",
-            f"{r['peak_bytes'] / eager['peak_bytes']:.2f}",
-            "" if pred is None else f"{pred / MIB:.1f}",
-            f"{r['step_seconds']:.3f}",
-            f"{r['step_seconds'] / eager['step_seconds']:.2f}",
-            f"{r['compile_s']:.1f}" if "compile_s" in r and r["kind"] in ("torch.compile", "memfit") else "",
-            note,
-        )
-    console.print(table)
+            text = f"{r['graphs']} graphs! " + text
+        return text
+
+    _table.print_table(
+        console,
+        f"{description}, forward + backward — ratios against eager measured in the same run",
+        configs,
+        [
+            ("peak MiB", lambda r: f"{r['peak_bytes'] / MIB:.1f}"),
+            ("vs eager", lambda r: f"{r['peak_bytes'] / eager['peak_bytes']:.2f}"),
+            ("predicted peak MiB", pred),
+            ("step s", lambda r: f"{r['step_seconds']:.3f}"),
+            ("vs eager", lambda r: f"{r['step_seconds'] / eager['step_seconds']:.2f}"),
+            (
+                "compile s",
+                lambda r: (
+                    f"{r['compile_s']:.1f}"
+                    if "compile_s" in r and r["kind"] in ("torch.compile", "memfit")
+                    else ""
+                ),
+            ),
+        ],
+        note=note,
+        measured=_measured,
+        why=why,
+        width=80,
+        label=label,
+    )
 
 
 def paired_ratio(a: list[float], b: list[float], resamples: int = 2000) -> tuple[float, float, float]:

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import _table
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (1.0, 0.7, 0.5, 0.3, 0.2)
 METHODS = ("budget", "twremat", "checkpoint")
@@ -357,43 +359,44 @@ def run(
 
 
 def print_table(console: Any, name: str, res: dict[str, Any]) -> None:
-    from rich.table import Table
-
     cfgs = res["configs"]
     eager = cfgs["eager"]
     mib = 2.0**20
-    table = Table(title=f"{res['description']} — ratios against eager autograd measured in the same run")
-    for col in (
-        "configuration",
-        "accounted MiB",
-        "vs eager",
-        "RSS MiB",
-        "vs eager",
-        "step s",
-        "vs eager",
-        "note",
-    ):
-        table.add_column(col, justify="left" if col in ("configuration", "note") else "right")
-    for cfg, r in cfgs.items():
-        if "step_seconds" not in r:
-            table.add_row(cfg, "", "", "", "", "", "", r.get("infeasible", r.get("error", ""))[:70])
-            continue
-        acc = r.get("accounted_peak_bytes")
-        rss = r.get("rss_peak_bytes")
-        note = ""
+
+    def acc(r: dict[str, Any]) -> Any:
+        return r.get("accounted_peak_bytes")
+
+    def rss(r: dict[str, Any]) -> Any:
+        return r.get("rss_peak_bytes")
+
+    def note(r: dict[str, Any]) -> str:
         if r.get("kind") == "memfit" and "peak_bytes" in r:
-            note = f"pred {r['peak_bytes'] / mib:.1f} MiB, pred cost x{r['cost_overhead']:.2f}"
-        table.add_row(
-            cfg,
-            "-" if acc is None else f"{acc / mib:.1f}",
-            "-" if acc is None else f"{acc / eager['accounted_peak_bytes']:.2f}",
-            "-" if rss is None else f"{rss / mib:.1f}",
-            "-" if rss is None else f"{rss / max(eager['rss_peak_bytes'], 1):.2f}",
-            f"{r['step_seconds']:.3f}",
-            f"{r['step_seconds'] / eager['step_seconds']:.2f}",
-            note,
-        )
-    console.print(table)
+            return f"pred {r['peak_bytes'] / mib:.1f} MiB, pred cost x{r['cost_overhead']:.2f}"
+        return ""
+
+    _table.print_table(
+        console,
+        f"{res['description']} — ratios against eager autograd measured in the same run",
+        cfgs,
+        [
+            ("accounted MiB", lambda r: "-" if acc(r) is None else f"{acc(r) / mib:.1f}"),
+            (
+                "vs eager",
+                lambda r: "-" if acc(r) is None else f"{acc(r) / eager['accounted_peak_bytes']:.2f}",
+            ),
+            ("RSS MiB", lambda r: "-" if rss(r) is None else f"{rss(r) / mib:.1f}"),
+            (
+                "vs eager",
+                lambda r: "-" if rss(r) is None else f"{rss(r) / max(eager['rss_peak_bytes'], 1):.2f}",
+            ),
+            ("step s", lambda r: f"{r['step_seconds']:.3f}"),
+            ("vs eager", lambda r: f"{r['step_seconds'] / eager['step_seconds']:.2f}"),
+        ],
+        note=note,
+        measured=lambda r: "step_seconds" in r,
+        why=lambda r: r.get("infeasible", r.get("error", "")),
+        width=70,
+    )
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
