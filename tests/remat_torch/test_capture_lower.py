@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from memfit.memory import track
@@ -270,3 +270,72 @@ def test_capture_allocates_no_activation_memory():
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["step"] > 2 * 2**30
     assert got["grown"] < 0.02 * got["step"], got
+
+
+_BN: dict = {}
+
+
+def _bn_setup():
+    """A CNN with BatchNorm, a max-pool with indices and convolutions (multi-output ops in forward and backward)."""
+    if not _BN:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 10),
+        )  # fmt: skip
+        batch = image_batch(4, 8)
+        cap = capture(model, xent, batch)
+        ref = _run(model, cap, solve(cap.graph, None, method="noremat"), batch)
+        _BN.update(cap=cap, model=model, batch=batch, ref=ref)
+    return _BN["cap"], _BN["model"], _BN["batch"], _BN["ref"]
+
+
+@settings(max_examples=6, deadline=None)
+@given(frac=st.floats(0.1, 1.0), seed=st.integers(0, 10_000))
+@example(frac=1.0, seed=0)
+def test_multi_output_ops_run_once_per_call_and_the_cost_counts_the_calls(frac, seed):
+    """The lowered module calls a multi-output op (BatchNorm, convolution_backward, max-pool with indices) once for
+    sibling outputs computed back to back, and ``call_cost`` charges exactly the calls the module makes."""
+    from memfit.remat.eager.lower import _groups, call_cost
+
+    cap, model, batch, reference = _bn_setup()
+    rng = random.Random(seed)
+    schedule = evicting_schedule(cap.graph, {v for v in range(len(cap.graph)) if rng.random() < frac})
+    gm = lower(cap, schedule)
+    groups = _groups(cap)
+    aten = torch.ops.aten
+    assert {n.target for n in groups} >= {
+        aten.convolution_backward.default,
+        aten.max_pool2d_with_indices.default,
+    }
+    # an independent count from the events: a compute of a group member starts a call unless it continues the run
+    # of its siblings' computes (frees in between allowed)
+    expected: dict[str, int] = {}
+    cost = 0.0
+    run_node, run_done = None, set()
+    for kind, v in schedule.events:
+        if kind != "compute":
+            continue
+        ref = cap.refs[v]
+        node = ref.node if ref is not None and ref.node in groups else None
+        if node is not None and node is run_node and v not in run_done:
+            run_done.add(v)
+            continue
+        run_node, run_done = node, {v}
+        cost += cap.graph.cost(v)
+        if node is not None:
+            expected[node.name] = expected.get(node.name, 0) + 1
+    lowered: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        source = n.meta.get("memfit_source")
+        if n.op == "call_function" and source in expected:
+            lowered[source] = lowered.get(source, 0) + 1
+    assert lowered == expected
+    if frac == 1.0:  # everything evicted: some op runs more than once (the check above saw split siblings)
+        assert sum(expected.values()) > len(groups)
+    assert call_cost(cap, schedule) == pytest.approx(cost, rel=1e-12)
+    with torch.no_grad():
+        out = gm(*_args(model, cap, batch))
+    for a, b in zip(out, reference, strict=True):
+        assert torch.equal(a, b)

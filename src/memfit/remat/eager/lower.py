@@ -165,6 +165,7 @@ def lower(
                 wrappers[node] = _seeded(node.target, position, captured.rng_device)  # type: ignore[arg-type]
             out = new.call_function(wrappers[node], (state, *args), kwargs)
         out.meta = dict(node.meta)
+        out.meta["memfit_source"] = node.name  # the captured op this call runs (tests count calls per op)
         return out
 
     # the generator state random op k starts from: the step's for k = 0, else the one random op k - 1 leaves
