@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from sm3_reference import ReferenceSM3
 
 from memfit.optim import SM3
-from memfit.optim._sm3_kernels import _second_moment
+from memfit.optim._sm3_math import second_moment
 
 SHAPES = [(), (7,), (5, 3), (4, 3, 2), (2, 3, 2, 5)]
 CONFIGS = [
@@ -91,7 +91,7 @@ def _run_nu(grads, variant, beta2=1.0):
             for k, n in enumerate(shape)]  # fmt: skip
     nus, acc_hist = [], []
     for g in grads:
-        nu, new = _second_moment(g, accs, variant=variant, beta2=beta2)
+        nu, new = second_moment(g, accs, variant=variant, beta2=beta2)
         accs = [a.clone() for a in new]
         nus.append(nu.clone())
         acc_hist.append(accs)

@@ -32,6 +32,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import cast
 
 import torch
@@ -40,7 +41,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
-from memfit.optim._sm3_kernels import Variant, _apply, _dense_grad, _direction, _min_of, accumulator_dtype
+from memfit.optim._sm3_math import SM3Hyper, accumulator_dtype, dense_update
 
 __all__ = ["accumulator_placements", "is_dtensor", "new_sm3_state", "sm3_dtensor"]
 
@@ -118,16 +119,6 @@ def new_sm3_state(p: DTensor, step: Tensor) -> dict[str, Tensor]:
     return state
 
 
-def _local_amax(t: Tensor, k: int) -> Tensor:
-    """Max of ``t`` over every axis but ``k`` (keepdim); 0 over an empty shard (identity for values >= 0)."""
-    others = [d for d in range(t.dim()) if d != k]
-    if any(t.shape[d] == 0 for d in others):
-        shape = [1] * t.dim()
-        shape[k] = t.shape[k]
-        return torch.zeros(shape, dtype=t.dtype, device=t.device)
-    return t.amax(dim=others, keepdim=True)
-
-
 def _max_reduce(p: DTensor, partial: list[Tensor]) -> list[Tensor]:
     """Complete the per-axis maxima ``partial[k]`` across shards: one ``all_reduce(MAX)`` per sharded mesh dim.
 
@@ -167,29 +158,19 @@ def sm3_dtensor(
     grads: list[Tensor],
     accumulators: list[list[Tensor]],
     momentum_buffers: list[Tensor | None],
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    beta2: float,
-    eps: float,
-    variant: Variant,
-    weight_decay: float,
-    maximize: bool,
+    hp: SM3Hyper,
 ) -> None:
     """One SM3 step on DTensor parameters, in place on their local shards (same equations as ``sm3``).
+
+    The update is :func:`memfit.optim._sm3_math.dense_update` on the local shards; only the per-axis maxima
+    are completed across ranks (:func:`_max_reduce`).
 
     Args:
         params: DTensor parameters (placements ``Shard`` / ``Replicate``).
         grads: their gradients (DTensors; redistributed to the parameter's placements if they differ).
         accumulators: per parameter, its DTensor accumulators (see :func:`new_sm3_state`).
         momentum_buffers: per parameter, a DTensor momentum buffer or ``None``.
-        lr: learning rate.
-        momentum: momentum coefficient in [0, 1).
-        beta2: 1.0 for sums of squares, < 1 for the exponential moving average (SM3-II).
-        eps: added to nu under the square root.
-        variant: ``"I"`` or ``"II"``.
-        weight_decay: decoupled weight decay.
-        maximize: ascend instead of descend.
+        hp: the step's hyperparameters.
 
     Raises:
         ValueError: a sparse gradient, a plain-tensor gradient, or an unsupported placement.
@@ -200,37 +181,8 @@ def sm3_dtensor(
             raise ValueError(
                 f"SM3: sparse gradients of DTensor parameters are not supported ({tuple(p.shape)})"
             )
-        w = p.to_local()
-        a_loc = [cast(DTensor, a).to_local() for a in accs]
-        g = _dense_grad(_local(grad, p), a_loc[0].dtype, maximize)
-        rank = p.dim()
-        if rank <= 1:
-            # Diagonal Adagrad: elementwise on the local shard, nothing to communicate.
-            nu = (
-                torch.addcmul(a_loc[0], g, g)
-                if beta2 == 1.0
-                else torch.addcmul(a_loc[0] * beta2, g, g, value=1.0 - beta2)
-            )
-            a_loc[0].copy_(nu)
-        elif variant == "I":
-            # a_k <- a_k + max over the slice of g^2 (the max completed across shards), nu = min_k a_k.
-            maxima = _max_reduce(p, [_local_amax(g * g, k) for k in range(rank)])
-            for a, m in zip(a_loc, maxima, strict=True):
-                a.add_(m)
-            nu = _min_of(a_loc).expand_as(g)
-        else:
-            base = _min_of(a_loc)
-            nu = (
-                torch.addcmul(base, g, g)
-                if beta2 == 1.0
-                else torch.addcmul(base * beta2, g, g, value=1.0 - beta2)
-            )
-            maxima = _max_reduce(p, [_local_amax(nu, k) for k in range(rank)])
-            for a, m in zip(a_loc, maxima, strict=True):
-                a.copy_(m)
-        u = _direction(g, nu, eps)
-        if buf is not None:
-            m_loc = cast(DTensor, buf).to_local()
-            m_loc.mul_(momentum).add_(u, alpha=1.0 - momentum)
-            u = m_loc if m_loc.dtype == u.dtype else m_loc.to(u.dtype)
-        _apply(w, u, lr=lr, weight_decay=weight_decay)
+        dense_update(
+            p.to_local(), _local(grad, p), [cast(DTensor, a).to_local() for a in accs],
+            None if buf is None else cast(DTensor, buf).to_local(), hp,
+            complete=functools.partial(_max_reduce, p),
+        )  # fmt: skip

@@ -1,8 +1,10 @@
-"""The SM3 optimizer class: hyperparameter checks, lazy state, checkpoints; the math is in ``_sm3_kernels``."""
+"""The SM3 optimizer class: hyperparameter checks, lazy state, checkpoints; the math is in ``_sm3_math``."""
 
 from __future__ import annotations
 
+import numbers
 import sys
+import warnings
 from collections.abc import Iterable
 from itertools import chain
 from typing import Any, cast
@@ -11,9 +13,26 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from memfit.optim._sm3_kernels import Variant, accumulator_dtype, sm3
+from memfit.optim._nonfinite import (
+    NONFINITE_POLICIES,
+    NonFiniteGradientError,
+    NonFinitePolicy,
+    nonfinite_groups,
+    offenders,
+)
+from memfit.optim._sm3_kernels import sm3
+from memfit.optim._sm3_math import SM3Hyper, Variant, accumulator_dtype
 
-__all__ = ["SM3"]
+__all__ = ["SM3", "SM3SetupError"]
+
+
+class SM3SetupError(ValueError, RuntimeError):
+    """Options or parameters SM3 cannot run with (``fused=True`` off CPU, ``foreach`` and ``fused``, complex).
+
+    Both a ``ValueError`` (memfit's type for a bad argument) and a ``RuntimeError`` (what ``torch.optim``
+    raises in these cases), so code written against either catches it.
+    """
+
 
 #: Version of the layout of :meth:`SM3.state_dict` (house rule 14). Bump it when the state changes shape.
 SM3_STATE_FORMAT = 1
@@ -33,6 +52,26 @@ def _fused_available(device: torch.device) -> bool:
     return fused_supported(device)
 
 
+def _check_real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"SM3: {name} must be a real number, got {type(value).__name__} {value!r}")
+
+
+def _check_lr(lr: object) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(
+                f"SM3: Tensor lr must be 1-element: a tensor lr must hold one floating-point value, got "
+                f"shape {tuple(lr.shape)} dtype {lr.dtype}"
+            )
+        if lr.requires_grad:
+            raise ValueError("SM3: a tensor lr must not require grad (differentiable steps are unsupported)")
+    elif isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"SM3: lr must be a float or a 1-element tensor, got {type(lr).__name__} {lr!r}")
+    if not float(lr) >= 0.0:
+        raise ValueError(f"SM3: lr must be >= 0, got {float(lr)}")
+
+
 class SM3(Optimizer):
     r"""SM3: Adagrad-like per-coordinate step sizes with optimizer state sublinear in the parameter count.
 
@@ -44,13 +83,19 @@ class SM3(Optimizer):
       so accumulators can shrink.
     - SM3-I: ``a_k <- a_k + max of g^2 over all axes but k``, then ``nu = min_k a_k``.
     - Rank 0 and 1: one full accumulator, i.e. exact diagonal Adagrad (``nu = a + g^2``, ``a <- nu``).
-    - ``u = g / sqrt(nu + eps)`` where ``nu > 0`` and ``0`` where ``nu == 0``;
+    - ``u = g / sqrt(nu + eps)``, and ``0`` where ``nu == 0``;
       ``m <- momentum * m + (1 - momentum) * u`` (no bias correction); ``w <- w * (1 - lr * wd) - lr * m``.
       With ``momentum == 0``: ``w <- w - lr * u`` and no momentum buffer is allocated.
 
     Sparse gradients (``nn.Embedding(sparse=True)``, hybrid COO with ``sparse_dim() == 1``) are coalesced and
     update only the touched rows with the row accumulator ``a_1``; the other rows' state is untouched and
-    the table is never densified. There is no momentum on that path.
+    the table is never densified. There is no momentum on that path, and ``beta2 < 1`` decays only the
+    touched rows' accumulators (warned once per optimizer).
+
+    Non-finite gradients (``nonfinite``): ``"raise"`` (default) raises :class:`NonFiniteGradientError`
+    before anything is written; ``"skip"`` leaves the param group's parameters and state (step count
+    included) as they were and warns; ``"propagate"`` lets NaN reach the parameters. The same on every
+    path (for-loop, foreach, fused, DTensor). Cost: one ``max |g|`` pass and one host sync per step.
 
     Distributed: works as is under DDP and ``ZeroRedundancyOptimizer``; DTensor parameters (FSDP2
     ``fully_shard``) keep DTensor state and take :mod:`memfit.distributed._dtensor`'s sharded step (one
@@ -74,13 +119,18 @@ class SM3(Optimizer):
         fused: one compiled sweep per tensor (``memfit.optim._sm3_fused``). ``None`` (default) uses it on
             CPU where a C++ compiler works (compiled once, then cached on disk by inductor), for float32
             parameters of rank <= 2 with dense gradients; every other tensor (and CUDA) takes the eager
-            ``foreach`` path, which computes the same equations. ``False`` never compiles anything;
-            ``True`` raises where the kernel cannot run.
+            ``foreach`` path, which computes the same equations with the same roundings. ``False`` never
+            compiles anything; ``True`` raises where the kernel cannot run.
+        nonfinite: what a step does with a NaN or inf gradient entry: ``"raise"``, ``"skip"`` or
+            ``"propagate"`` (see above).
 
     Raises:
         ValueError: on a hyperparameter out of range (the message holds the value and the allowed range),
-            ``beta2 < 1`` with ``variant="I"``, both ``foreach=True`` and ``fused=True``, or a complex
-            parameter.
+            or ``beta2 < 1`` with ``variant="I"``.
+        TypeError: a hyperparameter that is not a number (``lr="0.1"``).
+        SM3SetupError: both ``foreach=True`` and ``fused=True``; ``fused=True`` with a parameter the kernel
+            cannot take (not on CPU, not floating point, no C++ compiler); a complex parameter (here or in
+            :meth:`add_param_group`).
 
     References:
         Anil, Gupta, Koren, Singer. Memory-Efficient Adaptive Optimization. NeurIPS 2019, arXiv:1901.11150.
@@ -107,19 +157,16 @@ class SM3(Optimizer):
         momentum_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        nonfinite: NonFinitePolicy = "raise",
     ) -> None:
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1 or not lr.is_floating_point():
-                raise ValueError(
-                    f"SM3: a tensor lr must hold one floating-point value, got shape {tuple(lr.shape)} "
-                    f"dtype {lr.dtype}"
-                )
-            if lr.requires_grad:
-                raise ValueError(
-                    "SM3: a tensor lr must not require grad (differentiable steps are unsupported)"
-                )
-        if not float(lr) >= 0.0:
-            raise ValueError(f"SM3: lr must be >= 0, got {float(lr)}")
+        _check_lr(lr)
+        for name, value in (
+            ("momentum", momentum),
+            ("beta2", beta2),
+            ("eps", eps),
+            ("weight_decay", weight_decay),
+        ):
+            _check_real(name, value)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"SM3: momentum must be in [0, 1), got {momentum}")
         if not 0.0 < beta2 <= 1.0:
@@ -142,7 +189,12 @@ class SM3(Optimizer):
                 f"SM3: momentum_dtype must be a floating-point torch.dtype or None, got {momentum_dtype!r}"
             )
         if foreach and fused:
-            raise ValueError("SM3: foreach=True and fused=True are exclusive; pick one")
+            raise SM3SetupError(
+                "SM3: `fused` and `foreach` cannot be `True` together: foreach=True and fused=True are "
+                "exclusive; pick one"
+            )
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"SM3: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -154,16 +206,48 @@ class SM3(Optimizer):
             "momentum_dtype": momentum_dtype,
             "foreach": foreach,
             "fused": fused,
+            "nonfinite": nonfinite,
         }
+        self._warned_sparse = False
+        #: Param-group steps skipped for a non-finite gradient (``nonfinite="skip"``).
+        self.nonfinite_skips = 0
         super().__init__(params, defaults)
-        for group in self.param_groups:
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, refusing what SM3 cannot train (complex; ``fused=True`` off CPU).
+
+        Raises:
+            SM3SetupError: a complex parameter, or ``fused=True`` with a parameter the kernel cannot take.
+        """
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
             for p in group["params"]:
                 if p.is_complex():
-                    raise ValueError(f"SM3: complex parameters are not supported (got dtype {p.dtype})")
+                    raise SM3SetupError(
+                        f"SM3 does not support complex parameters (got dtype {p.dtype}): it would train the "
+                        "real part only; optimize torch.view_as_real(p) instead"
+                    )
+                if group["fused"]:
+                    self._check_fused(p)
+        except SM3SetupError:
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _check_fused(p: Tensor) -> None:
+        if not (p.device.type == "cpu" and p.is_floating_point() and _fused_available(p.device)):
+            raise SM3SetupError(
+                "SM3: `fused=True` requires all the params to be floating point Tensors of supported "
+                f"devices: ['cpu'] with a working C++ compiler (torch.compile's inductor), but {p.dtype} "
+                f"and {p.device.type}. Use fused=None (falls back to foreach) or fused=False."
+            )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Back-fill options added after a checkpoint was written, so old pickles and state dicts load.
         super().__setstate__(state)
+        self.__dict__.setdefault("_warned_sparse", False)
+        self.__dict__.setdefault("nonfinite_skips", 0)
         for group in self.param_groups:
             group.setdefault("momentum", 0.9)
             group.setdefault("beta2", 1.0)
@@ -174,6 +258,7 @@ class SM3(Optimizer):
             group.setdefault("momentum_dtype", None)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            group.setdefault("nonfinite", "raise")
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
@@ -217,6 +302,8 @@ class SM3(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state.update(self._new_state(p))
+            if p.grad.is_sparse:
+                self._warn_sparse(group)
             buf: Tensor | None = None
             if group["momentum"] > 0.0 and not p.grad.is_sparse:
                 # Allocated on the first dense step only: sparse-only parameters never carry a buffer.
@@ -232,28 +319,79 @@ class SM3(Optimizer):
             momentum_buffers.append(buf)
             steps.append(state["step"])
 
+    def _warn_sparse(self, group: dict[str, Any]) -> None:
+        if self._warned_sparse or (group["momentum"] == 0.0 and group["beta2"] == 1.0):
+            return
+        self._warned_sparse = True
+        lost = []
+        if group["momentum"] != 0.0:
+            lost.append(
+                f"momentum={group['momentum']} is not applied to them (it applies to dense gradients)"
+            )
+        if group["beta2"] != 1.0:
+            lost.append(
+                f"beta2={group['beta2']} decays only the accumulators of the rows that have a gradient in a "
+                "step (the TensorFlow reference's sparse update)"
+            )
+        warnings.warn(
+            f"SM3: sparse gradients: {'; '.join(lost)}. Warned once per optimizer.",
+            UserWarning,
+            stacklevel=6,
+        )
+
     def _use_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         if group["fused"] is False or group["foreach"]:
             return False
         if torch.compiler.is_compiling():
             # Under torch.compile(opt.step) the outer compiler fuses the eager kernels itself.
             return False
-        ok = all(_fused_available(p.device) for p in params)
-        if group["fused"] and not ok:
-            devices = sorted({str(p.device) for p in params})
-            raise ValueError(
-                f"SM3: fused=True needs a CPU with a working C++ compiler (torch.compile's inductor); "
-                f"parameters are on {devices}. Use fused=None (falls back to foreach) or fused=False."
+        if group["fused"]:
+            for p in params:  # parameters may have moved since the constructor checked them
+                self._check_fused(p)
+            return True
+        return all(_fused_available(p.device) for p in params)
+
+    def _skip_nonfinite(self) -> set[int]:
+        """The param groups to skip this step; raises first if a ``"raise"`` group has a non-finite gradient."""
+        bad = [i for i, flag in enumerate(nonfinite_groups(self.param_groups)) if flag]
+        if not bad:
+            return set()
+        raising = [i for i in bad if self.param_groups[i]["nonfinite"] == "raise"]
+        if raising:
+            raise NonFiniteGradientError(
+                "SM3", [o for i in raising for o in offenders(self.param_groups[i], i)]
             )
-        return ok
+        self.nonfinite_skips += len(bad)
+        warnings.warn(
+            "SM3: skipped a step of a param group with a non-finite gradient (nonfinite='skip'); "
+            "optimizer.nonfinite_skips counts them",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return set(bad)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
+        """One SM3 step of every param group (see the class docstring for the equations).
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            NonFiniteGradientError: a gradient holds NaN or inf in a group with ``nonfinite="raise"``;
+                nothing was updated.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        skip = self._skip_nonfinite()
+        for index, group in enumerate(self.param_groups):
+            if index in skip:
+                continue
             params: list[Tensor] = []
             grads: list[Tensor] = []
             accumulators: list[list[Tensor]] = []
@@ -267,16 +405,14 @@ class SM3(Optimizer):
                     s.add_(1)
             else:
                 torch._foreach_add_(steps, 1.0)
-            hyper = {
-                k: group[k] for k in ("lr", "momentum", "beta2", "eps", "variant", "weight_decay", "maximize")
-            }
+            hp = SM3Hyper.from_group(group)
             sharded = [i for i, p in enumerate(params) if _is_dtensor(p)]
             if sharded:
                 from memfit.distributed._dtensor import sm3_dtensor
 
                 sm3_dtensor(
                     [params[i] for i in sharded], [grads[i] for i in sharded],
-                    [accumulators[i] for i in sharded], [momentum_buffers[i] for i in sharded], **hyper,
+                    [accumulators[i] for i in sharded], [momentum_buffers[i] for i in sharded], hp,
                 )  # fmt: skip
                 keep = sorted(set(range(len(params))) - set(sharded))
                 params, grads = [params[i] for i in keep], [grads[i] for i in keep]
@@ -286,7 +422,11 @@ class SM3(Optimizer):
                     continue
             fused = self._use_fused(group, params)
             foreach = not fused and group["foreach"] is not False
-            sm3(params, grads, accumulators, momentum_buffers, **hyper, foreach=foreach, fused=fused)
+            sm3(
+                params, grads, accumulators, momentum_buffers, lr=hp.lr, momentum=hp.momentum,
+                beta2=hp.beta2, eps=hp.eps, variant=hp.variant, weight_decay=hp.weight_decay,
+                maximize=hp.maximize, foreach=foreach, fused=fused,
+            )  # fmt: skip
         return loss
 
     # ------------------------------------------------------------- checkpoints
@@ -300,27 +440,46 @@ class SM3(Optimizer):
         """Load a state dict, keeping accumulators in float32/float64 whatever the parameter dtype.
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype (a bf16 model
-        would get bf16 accumulators and lose them to rounding); here each state tensor is re-made from the
-        saved value in the dtype SM3 allocates for it: accumulators in :func:`accumulator_dtype`, the momentum
-        buffer in the group's ``momentum_dtype`` (or the parameter's dtype).
+        would get bf16 accumulators and lose them to rounding); here each state tensor is re-made, as an
+        independent copy, from the saved value in the dtype SM3 allocates for it: accumulators in
+        :func:`accumulator_dtype`, the momentum buffer in the group's ``momentum_dtype`` (or the parameter's
+        dtype). torch's hook contract holds: the registered load-state-dict pre-hooks see (and may replace)
+        the state dict before anything is read from it, and the post-hooks run after SM3's re-making, so
+        what a post-hook writes stays.
 
         Raises:
-            ValueError: the state dict was written by a newer memfit (unknown format version).
+            ValueError: the state dict (as the pre-hooks leave it) was written by a newer memfit.
         """
-        version = state_dict.get(_FORMAT_KEY, SM3_STATE_FORMAT)
-        if not isinstance(version, int) or version > SM3_STATE_FORMAT:
-            raise ValueError(
-                f"SM3: state dict format {version!r} is newer than this memfit understands "
-                f"(<= {SM3_STATE_FORMAT}); upgrade memfit to load it"
-            )
-        saved_state = state_dict["state"]
+        loaded: dict[str, Any] = {}
+
+        def last_pre_hook(_: Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
+            version = sd.get(_FORMAT_KEY, SM3_STATE_FORMAT)
+            if not isinstance(version, int) or version > SM3_STATE_FORMAT:
+                raise ValueError(
+                    f"SM3: state dict format {version!r} is newer than this memfit understands "
+                    f"(<= {SM3_STATE_FORMAT}); upgrade memfit to load it"
+                )
+            loaded["state_dict"] = sd
+            return {k: v for k, v in sd.items() if k != _FORMAT_KEY}
+
+        def first_post_hook(_: Optimizer) -> None:
+            self._restore_state_dtypes(loaded["state_dict"])
+
+        # Registered for this call only: last among the pre-hooks, first among the post-hooks.
+        pre = self.register_load_state_dict_pre_hook(last_pre_hook)
+        post = self.register_load_state_dict_post_hook(first_post_hook, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
+    def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         id_to_param = dict(zip(saved_ids, params, strict=False))
-        sd = {k: v for k, v in state_dict.items() if k != _FORMAT_KEY}
-        super().load_state_dict(sd)
         groups_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        for pid, saved in cast(Iterable[tuple[Any, dict[str, Any]]], saved_state.items()):
+        for pid, saved in cast(Iterable[tuple[Any, dict[str, Any]]], state_dict["state"].items()):
             p = id_to_param.get(pid)
             if p is None:
                 continue

@@ -10,7 +10,7 @@ update uses, so everything fits in one row-major sweep:
         for each column j:
             nu  = min(r[i], c[j]) + g[i,j]^2            (or the beta2 EMA)
             rmax = max(rmax, nu);  cmax_thread[j] = max(cmax_thread[j], nu)
-            u   = nu > 0 ? g / sqrt(nu + eps) : 0
+            u   = nu == 0 ? 0 : g / sqrt(nu + eps)
             m   = mom * m + (1 - mom) * u;  w = w * (1 - lr wd) - lr * m
         r[i] = rmax                                      (row i is read by this thread only)
     c[j] = max over threads of cmax_thread[j]            (after the sweep: every row read the old c)
@@ -22,7 +22,8 @@ Adagrad) form of the same loop.
 
 Scope: float32 parameters and gradients, contiguous, rank <= 2, on CPU; momentum buffers in float32 or
 bfloat16. Anything else (float64/bf16/fp16 parameters, rank >= 3, sparse gradients, CUDA) takes the eager
-kernels of :mod:`memfit.optim._sm3_kernels`, which compute the same equations.
+kernels of :mod:`memfit.optim._sm3_kernels`, which compute the same equations with the same roundings
+(:mod:`memfit.optim._sm3_math`): the fused and eager paths agree bit for bit.
 
 The C++ source is compiled once per process through inductor's code cache (cached on disk across
 processes); that private API is reached only through :func:`memfit._compat.load_cpp_pybinding` (house rule 8).
@@ -39,7 +40,7 @@ import torch
 from torch import Tensor
 
 from memfit import _compat
-from memfit.optim._sm3_kernels import Variant, _sm3_multi_tensor
+from memfit.optim._sm3_math import SM3Hyper
 
 __all__ = ["fused_supported", "sm3_fused"]
 
@@ -69,19 +70,39 @@ static inline V store_m(BF* m, int64_t k, int64_t n, V v) {
     return at::vec::convert<float>(b);  // the update uses the stored (rounded) buffer, as eager does
 }
 
-struct HP { V lr, mom, one_m_mom, beta2, one_m_b2, eps, decay, sgn, zero; };
+// hp: -lr, mom, 1 - mom, beta2, 1 - beta2, eps, 1 - lr wd, sign; each formed in double (as torch forms a
+// Python scalar) and rounded once to float, so that every coefficient equals the eager path's.
+struct HP { V neg_lr, mom, one_m_mom, beta2, one_m_b2, eps, decay, sgn, zero; };
 static inline HP make_hp(const float* hp) {
-    const float lr = hp[0], mom = hp[1], beta2 = hp[2], eps = hp[3], wd = hp[4];
-    return HP{V(lr), V(mom), V(1.0f - mom), V(beta2), V(1.0f - beta2), V(eps), V(1.0f - lr * wd),
-              V(hp[5] != 0.0f ? -1.0f : 1.0f), V(0.0f)};
+    return HP{V(hp[0]), V(hp[1]), V(hp[2]), V(hp[3]), V(hp[4]), V(hp[5]), V(hp[6]), V(hp[7]), V(0.0f)};
 }
 
-// u = nu > 0 ? g / sqrt(nu + eps) : 0;  m = mom m + (1 - mom) u;  w = w (1 - lr wd) - lr m
+// The eager path's roundings, operation for operation (memfit.optim._sm3_math):
+// u = nu == 0 ? 0 : g / sqrt(nu + eps);  m = fma(1 - mom, u, mom m);  w = fma(-lr, m, w (1 - lr wd))
 template <typename MT, bool HAS_M>
 static inline void update(float* p, MT* m, int64_t k, int64_t n, V gj, V nu, const HP& h) {
-    V u = V::blendv(h.zero, gj / (nu + h.eps).sqrt(), nu > h.zero);
-    if (HAS_M) u = store_m(m, k, n, h.mom * load_m(m, k, n) + h.one_m_mom * u);
-    (V::loadu(p + k, n) * h.decay - h.lr * u).store(p + k, n);
+    V u = V::blendv(gj / (nu + h.eps).sqrt(), h.zero, nu == h.zero);
+    if (HAS_M) u = store_m(m, k, n, at::vec::fmadd(h.one_m_mom, u, h.mom * load_m(m, k, n)));
+    at::vec::fmadd(h.neg_lr, u, V::loadu(p + k, n) * h.decay).store(p + k, n);
+}
+
+// nu = fma(g, g, min) or, with the EMA, fma((1 - beta2) g, g, beta2 min): torch.addcmul's rounding.
+template <bool EMA>
+static inline V second_moment(V mn, V gj, const HP& h) {
+    return EMA ? at::vec::fmadd(h.one_m_b2 * gj, gj, h.beta2 * mn) : at::vec::fmadd(gj, gj, mn);
+}
+
+// max that propagates NaN, as torch.amax and at::vec::maximum do (std::max would drop it).
+static inline float max_nan(float a, float b) { return std::isnan(a) ? a : ((std::isnan(b) || b > a) ? b : a); }
+static inline float reduce_max(V v) {
+    return at::vec::vec_reduce_all<float>([](V& x, V& y) { return at::vec::maximum(x, y); }, v);
+}
+static inline void merge_columns(float* c, const float* scratch, int64_t C, int nt, bool add) {
+    for (int64_t j = 0; j < C; ++j) {
+        float v = 0.0f;
+        for (int t = 0; t < nt; ++t) v = max_nan(v, scratch[(int64_t)t * C + j]);
+        c[j] = add ? c[j] + v : v;
+    }
 }
 
 // Rank 2, shape (R, C): r (R), c (C), scratch nt*C per-thread column maxima.
@@ -105,14 +126,10 @@ static void sweep(float* __restrict__ p, const float* __restrict__ g, MT* __rest
                     rm = at::vec::maximum(rm, s);
                     at::vec::maximum(V::loadu(cm + j, n), s).store(cm + j, n);
                 }
-                r[i] += at::vec::vec_reduce_all<float>([](V& x, V& y) { return at::vec::maximum(x, y); }, rm);
+                r[i] += reduce_max(rm);
             }
         }
-        for (int64_t j = 0; j < C; ++j) {
-            float v = 0.0f;
-            for (int t = 0; t < nt; ++t) v = std::max(v, scratch[(int64_t)t * C + j]);
-            c[j] += v;
-        }
+        merge_columns(c, scratch, C, nt, true);
     }
     #pragma omp parallel num_threads(nt)
     {
@@ -128,23 +145,16 @@ static void sweep(float* __restrict__ p, const float* __restrict__ g, MT* __rest
                 const V mn = at::vec::minimum(ri, V::loadu(c + j, n));
                 V nu = mn;
                 if (!SM3_I) {
-                    nu = EMA ? h.beta2 * mn + h.one_m_b2 * (gj * gj) : mn + gj * gj;
+                    nu = second_moment<EMA>(mn, gj, h);
                     rm = at::vec::maximum(rm, nu);
                     at::vec::maximum(V::loadu(cm + j, n), nu).store(cm + j, n);
                 }
                 update<MT, HAS_M>(p, m, o + j, n, gj, nu, h);
             }
-            if (!SM3_I)  // row i is read by this thread only, and already read
-                r[i] = at::vec::vec_reduce_all<float>([](V& x, V& y) { return at::vec::maximum(x, y); }, rm);
+            if (!SM3_I) r[i] = reduce_max(rm);  // row i is read by this thread only, and already read
         }
     }
-    if (!SM3_I) {  // every row has read the old c: now it may change
-        for (int64_t j = 0; j < C; ++j) {
-            float v = 0.0f;
-            for (int t = 0; t < nt; ++t) v = std::max(v, scratch[(int64_t)t * C + j]);
-            c[j] = v;
-        }
-    }
+    if (!SM3_I) merge_columns(c, scratch, C, nt, false);  // every row has read the old c: now it may change
 }
 
 // Rank <= 1: one full accumulator a (diagonal Adagrad); both variants coincide.
@@ -157,7 +167,7 @@ static void diag(float* __restrict__ p, const float* __restrict__ g, MT* __restr
         const int64_t n = std::min(W, N - k);
         const V gk = h.sgn * V::loadu(g + k, n);
         const V ak = V::loadu(a + k, n);
-        const V nu = EMA ? h.beta2 * ak + h.one_m_b2 * (gk * gk) : ak + gk * gk;
+        const V nu = second_moment<EMA>(ak, gk, h);
         nu.store(a + k, n);
         update<MT, HAS_M>(p, m, k, n, gk, nu, h);
     }
@@ -221,53 +231,54 @@ def _eligible(p: Tensor, g: Tensor, buf: Tensor | None) -> bool:
     )
 
 
+def _coefficients(hp: SM3Hyper) -> Tensor:
+    """The kernel's ``hp`` buffer, each entry rounded to float32 as torch rounds the eager path's scalars."""
+    lr = hp.lr
+    if isinstance(lr, Tensor):
+        # 0-d lr tensors are read here once per step; 1 - lr * wd in lr's dtype, as the eager tensor ops do.
+        decay = float(1.0 - lr * hp.weight_decay) if hp.weight_decay != 0.0 else 1.0
+        lr = float(lr)
+    else:
+        decay = 1.0 - lr * hp.weight_decay
+    coefficients = [-lr, hp.momentum, 1.0 - hp.momentum, hp.beta2, 1.0 - hp.beta2, hp.eps, decay]
+    return torch.tensor([*coefficients, -1.0 if hp.maximize else 1.0], dtype=torch.float32)
+
+
 def sm3_fused(
     params: list[Tensor],
     grads: list[Tensor],
     accumulators: list[list[Tensor]],
     momentum_buffers: list[Tensor | None],
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    beta2: float,
-    eps: float,
-    variant: Variant,
-    weight_decay: float,
-    maximize: bool,
-) -> None:
-    """One SM3 step, fused where :func:`_eligible`, eager (:func:`_sm3_multi_tensor`) elsewhere."""
+    hp: SM3Hyper,
+) -> list[int]:
+    """One SM3 step of every tensor the kernel takes (:func:`_eligible`).
+
+    Returns:
+        The indices of the tensors it did not update (not eligible, or no compiler): the caller runs the
+        eager ``foreach`` kernel on them.
+    """
     kernel = _kernel()
-    rest: list[int] = []
     if kernel is None:
-        rest = list(range(len(params)))
-    else:
-        # 0-d lr tensors are read here once per step: the kernel takes plain floats in one small buffer.
-        lr_f = float(lr)
-        hp = torch.tensor([lr_f, momentum, beta2, eps, weight_decay, float(maximize)], dtype=torch.float32)
-        nt = max(torch.get_num_threads(), 1)
-        scratch: dict[int, Tensor] = {}
-        for i, (p, g, accs, buf) in enumerate(
-            zip(params, grads, accumulators, momentum_buffers, strict=True)
-        ):
-            if not _eligible(p, g, buf):
-                rest.append(i)
-                continue
-            if p.dim() <= 1:
-                rows, cols = p.numel(), 1
-                r, c = accs[0], accs[0]
-                mode = 3 if beta2 == 1.0 else 4
-            else:
-                rows, cols = p.shape
-                r, c = accs[0], accs[1]
-                mode = 2 if variant == "I" else (0 if beta2 == 1.0 else 1)
-            if cols not in scratch:
-                scratch[cols] = torch.empty(nt * cols + 1, dtype=torch.float32)
-            mkind = 0 if buf is None else (1 if buf.dtype == torch.float32 else 2)
-            m: Any = p if buf is None else buf  # any pointer: the kernel ignores m when mkind == 0
-            kernel(p, g, m, r, c, hp, rows, cols, scratch[cols], mode, mkind, nt)
-    if rest:
-        _sm3_multi_tensor(
-            [params[i] for i in rest], [grads[i] for i in rest], [accumulators[i] for i in rest],
-            [momentum_buffers[i] for i in rest], lr=lr, momentum=momentum, beta2=beta2, eps=eps,
-            variant=variant, weight_decay=weight_decay, maximize=maximize,
-        )  # fmt: skip
+        return list(range(len(params)))
+    rest: list[int] = []
+    coefficients = _coefficients(hp)
+    nt = max(torch.get_num_threads(), 1)
+    scratch: dict[int, Tensor] = {}
+    for i, (p, g, accs, buf) in enumerate(zip(params, grads, accumulators, momentum_buffers, strict=True)):
+        if not _eligible(p, g, buf):
+            rest.append(i)
+            continue
+        if p.dim() <= 1:
+            rows, cols = p.numel(), 1
+            r, c = accs[0], accs[0]
+            mode = 3 if hp.beta2 == 1.0 else 4
+        else:
+            rows, cols = p.shape
+            r, c = accs[0], accs[1]
+            mode = 2 if hp.variant == "I" else (0 if hp.beta2 == 1.0 else 1)
+        if cols not in scratch:
+            scratch[cols] = torch.empty(nt * cols + 1, dtype=torch.float32)
+        mkind = 0 if buf is None else (1 if buf.dtype == torch.float32 else 2)
+        m: Any = p if buf is None else buf  # any pointer: the kernel ignores m when mkind == 0
+        kernel(p, g, m, r, c, coefficients, rows, cols, scratch[cols], mode, mkind, nt)
+    return rest
