@@ -43,10 +43,13 @@ else:  # pragma: no cover - Python 3.10 needs the tomli backport
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "LM_PRESETS",
     "MAY_CHANGE_ON_RESUME",
+    "TRAIN_LR",
     "CheckpointError",
     "ConfigError",
     "TrainConfig",
+    "default_lr",
     "load_config",
     "train",
 ]
@@ -60,6 +63,13 @@ MAY_CHANGE_ON_RESUME = ("steps", "out", "checkpoint_every", "keep", "eval_every"
 # the batch generator's seed, (seed * 1_000_003 + 1) * 1_000_000_007 + step (memfit.data), must fit in 64 bits
 _MAX_SEED = 9999
 
+#: learning rates taken when ``lr`` is left out, where they differ from :func:`memfit.plan.make_optimizer`'s. SM3
+#: without momentum at its usual 0.1 spikes on the default run (tiny GPT, batch 16x64: loss 3.1 -> 8.1 at step 51,
+#: above uniform guessing, ln 256 = 5.55; 0.05 spikes to 6.1 at step 61); at 0.02 the loss never exceeds its
+#: starting value on seeds 0, 1, 2 and ends lower (1.62 at step 1000, seed 0). SM3's accumulators sum squared
+#: gradients for good (beta2 = 1), so a spike's gradients shrink every later step: a spike is not recovered from.
+TRAIN_LR = {"sm3": 0.02}
+
 #: the GPT presets, the models ``memfit train`` trains (its data are bytes: language models only)
 LM_PRESETS = tuple(name for name, spec in PRESETS.items() if spec.kind == "lm")
 
@@ -69,7 +79,15 @@ class CheckpointError(RuntimeError):
 
 
 class ConfigError(ValueError):
-    """A bad option or config file: the message says which, what was given and what is allowed."""
+    """A bad option or config file: the message says which, what was given and what is allowed.
+
+    Attributes:
+        key: the :class:`TrainConfig` field at fault, when there is one.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 # the TOML / Python type of each TrainConfig field ("?": may be absent, i.e. None)
@@ -116,7 +134,7 @@ def _checked(name: str, value: Any) -> Any:
     if not ok:
         absent = " (or left out)" if kind.endswith("?") else ""
         raise ConfigError(
-            f"{name} must be {_KIND_NAMES[base]}{absent}, got {value!r} ({type(value).__name__})"
+            f"{name} must be {_KIND_NAMES[base]}{absent}, got {value!r} ({type(value).__name__})", key=name
         )
     return float(value) if base == "float" else value
 
@@ -132,7 +150,7 @@ class TrainConfig:
         model: a GPT preset of :mod:`memfit.models` (:data:`LM_PRESETS`; the data are bytes).
         data: text file (``None``: the default corpus, CPython's ``pydoc_data/topics.py``).
         optimizer: one of :data:`memfit.plan.OPTIMIZERS`.
-        lr: peak learning rate (``None``: the optimizer's default, :data:`DEFAULT_LR`); 0 is taken as given.
+        lr: peak learning rate (``None``: :func:`default_lr`, which is then recorded); 0 is taken as given.
         optimizer_args: further keyword arguments of the optimizer (e.g. ``{momentum = 0.9}``); unknown ones are
             errors.
         warmup_steps: the SM3 authors' quadratic learning-rate warm-up, ``lr * min(1, (step / warmup)^2)``; 0: none.
@@ -173,25 +191,41 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f.name, getattr(self, f.name)))
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise ConfigError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}", key="optimizer"
+            )
+        if self.lr is None:  # recorded as the value used (config.toml, checkpoints)
+            self.lr = default_lr(self.optimizer)
         for name in ("batch_size", "seq_len", "steps", "checkpoint_every", "keep", "eval_batches"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", key=name)
         for name in ("warmup_steps", "eval_every"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0 (0: {_ZERO_MEANS[name]}), got {getattr(self, name)}")
+                raise ConfigError(
+                    f"{name} must be >= 0 (0: {_ZERO_MEANS[name]}), got {getattr(self, name)}", key=name
+                )
         if not 0 <= self.seed <= _MAX_SEED:
-            raise ConfigError(f"seed must be in [0, {_MAX_SEED}], got {self.seed}")
+            raise ConfigError(f"seed must be in [0, {_MAX_SEED}], got {self.seed}", key="seed")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr >= 0.0):
             raise ConfigError(
-                f"lr must be a finite number >= 0 (or left out: the optimizer's default), got {self.lr}"
+                f"lr must be a finite number >= 0 (or left out: the optimizer's default), got {self.lr}",
+                key="lr",
             )
         if self.remat_budget is not None and not 0.0 < self.remat_budget <= 1.0:
             raise ConfigError(
-                f"remat_budget must be in (0, 1] or left out (no remat), got {self.remat_budget}"
+                f"remat_budget must be in (0, 1] or left out (no remat), got {self.remat_budget}",
+                key="remat_budget",
             )
         _check_model(self.model, self.seq_len)
         _check_optimizer_args(self.optimizer, self.lr, self.optimizer_args)
+
+
+def default_lr(optimizer: str) -> float:
+    """The learning rate ``memfit train`` uses for ``optimizer`` when none is given (see :data:`TRAIN_LR`)."""
+    if optimizer in TRAIN_LR:
+        return TRAIN_LR[optimizer]
+    lr: float = make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)]).param_groups[0]["lr"]
+    return lr
 
 
 _ZERO_MEANS = {"warmup_steps": "no warm-up", "eval_every": "only at the end"}
@@ -202,12 +236,15 @@ def _check_model(model: str, seq_len: int) -> None:
         kind = f" ({PRESETS[model].kind} model)" if model in PRESETS else ""
         raise ConfigError(
             f"model must be a GPT preset ({', '.join(LM_PRESETS)}): memfit train trains language models on bytes; "
-            f"got {model!r}{kind}"
+            f"got {model!r}{kind}",
+            key="model",
         )
     gpt = get_model(model).gpt
     assert gpt is not None
     if seq_len > gpt.block_size:
-        raise ConfigError(f"seq_len must be <= {gpt.block_size} for {model} (its block_size), got {seq_len}")
+        raise ConfigError(
+            f"seq_len must be <= {gpt.block_size} for {model} (its block_size), got {seq_len}", key="seq_len"
+        )
 
 
 def _check_optimizer_args(name: str, lr: float | None, args: dict[str, Any]) -> None:
@@ -218,17 +255,21 @@ def _check_optimizer_args(name: str, lr: float | None, args: dict[str, Any]) -> 
     known = [p.name for p in params if p.name not in ("self", "params", "lr") and p.kind is not p.VAR_KEYWORD]
     for key in args:
         if key == "lr":
-            raise ConfigError("optimizer_args: give the learning rate as lr (--lr), not in optimizer_args")
+            raise ConfigError(
+                "optimizer_args: give the learning rate as lr (--lr), not in optimizer_args",
+                key="optimizer_args",
+            )
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"optimizer_args: {cls.__name__} ({name}) has no argument {key!r}{hint} (known: {', '.join(known)})"
+                f"optimizer_args: {cls.__name__} ({name}) has no argument {key!r}{hint} (known: {', '.join(known)})",
+                key="optimizer_args",
             )
     try:
         make_optimizer(name, probe, lr, **args)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"optimizer_args {args} for {name}: {exc}") from None
+        raise ConfigError(f"optimizer_args {args} for {name}: {exc}", key="optimizer_args") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -267,18 +308,18 @@ def load_config(path: str | Path | None = None, *, resume: bool = False, **overr
             raise ConfigError(
                 f"{path}: unknown key(s) {', '.join(hints)}; allowed: {', '.join(sorted(allowed))}"
             )
-        for k, v in data.items():
-            if overrides.get(k) is None:
-                try:
-                    _checked(k, v)
-                except ConfigError as exc:
-                    raise ConfigError(f"{path}: {exc}") from None
+    from_file = {k for k in data if overrides.get(k) is None}
     data.update({k: v for k, v in overrides.items() if v is not None})
     if resume:
         saved = Path(data.get("out", TrainConfig.out)) / "config.toml"
         if saved.is_file():
             data = {**{k: v for k, v in _read_toml(saved).items() if k in allowed}, **data}
-    return TrainConfig(**data)
+    try:
+        return TrainConfig(**data)
+    except ConfigError as exc:
+        if exc.key in from_file:
+            raise ConfigError(f"{path}: {exc}", key=exc.key) from None
+        raise
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -336,7 +377,13 @@ def _load_latest(out: Path, say: Any, partial: list[str]) -> tuple[Path, dict[st
 def _check_resume(cfg: TrainConfig, path: Path, state: dict[str, Any]) -> None:
     """Refuse to continue a checkpoint with options it was not trained with (the list says which)."""
     now = asdict(cfg)
-    saved = state.get("config", {})
+    saved = dict(state.get("config", {}))
+    if (
+        saved.get("lr", 0.0) is None and saved.get("optimizer") in OPTIMIZERS
+    ):  # written before lr was recorded
+        saved["lr"] = make_optimizer(saved["optimizer"], [torch.zeros(1, requires_grad=True)]).param_groups[
+            0
+        ]["lr"]
     diffs = [
         f"{k} {v!r} -> {now[k]!r}"
         for k, v in saved.items()

@@ -15,7 +15,7 @@ from typing import Any
 
 def add_parser(sub: Any) -> None:
     from memfit.plan import OPTIMIZERS
-    from memfit.train import LM_PRESETS, TrainConfig
+    from memfit.train import LM_PRESETS, TrainConfig, default_lr
 
     d = TrainConfig.__dataclass_fields__  # defaults shown in --help come from the one place they are set
 
@@ -61,8 +61,9 @@ def add_parser(sub: Any) -> None:
         "--lr",
         type=float,
         default=None,
-        help="peak learning rate, >= 0 (default: the optimizer's, e.g. sm3 "
-        f"{_default_lr('sm3')}, adam {_default_lr('adam')})",
+        help="peak learning rate, >= 0 (default by optimizer: "
+        + ", ".join(f"{k} {default_lr(k):g}" for k in OPTIMIZERS)
+        + ")",
     )
     p.add_argument(
         "--optimizer-args",
@@ -123,15 +124,6 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-
-
-def _default_lr(name: str) -> float:
-    import torch
-
-    from memfit.plan import make_optimizer
-
-    lr: float = make_optimizer(name, [torch.zeros(1, requires_grad=True)]).param_groups[0]["lr"]
-    return lr
 
 
 def _error(message: str) -> int:
