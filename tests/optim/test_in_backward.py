@@ -286,3 +286,63 @@ def test_updates_follow_the_gradient_and_the_last_reader_of_the_parameter():
         # the same graph as the capture's, but no gradient is an output any more
         graph, _, _ = sink_gradients(cap, cap.param_names)
         assert graph.outputs == g.outputs
+
+
+class _Shared(nn.Module):
+    """One linear layer applied twice: its gradient is final only after the first use's backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.shared, self.out = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(torch.tanh(self.inp(x))))
+        return self.out(torch.tanh(self.shared(h)))
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["autograd", "remat"])
+def test_a_parameter_used_twice_is_updated_once_after_its_last_use(remat):
+    torch.manual_seed(0)
+    model = _Shared()
+    initial = copy.deepcopy(model.state_dict())
+    step = memfit.remat.compile(model, _xent, _batch(0), budget=0.9) if remat else None
+    results = []
+    for in_backward in (False, True):
+        model.load_state_dict(initial)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        handle = _train(model, opt, 3, remat=step, in_backward=in_backward)
+        if handle is not None:
+            assert handle.updates == 3 * 6  # six parameter tensors, each updated once per step
+            handle.remove()
+        results.append(copy.deepcopy(dict(model.named_parameters())))
+    for n in results[0]:
+        assert torch.equal(results[0][n], results[1][n]), n
+
+
+@pytest.mark.slow
+def test_tied_embeddings_are_updated_once_after_their_last_use():
+    """A GPT's wte is read by the embedding and the LM head: its update must wait for both gradients."""
+    from memfit.models._gpt import GPT, GPTConfig, lm_loss
+
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g))
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    initial = copy.deepcopy(model.state_dict())
+    step = memfit.remat.compile(model, lm_loss, batch, budget=0.9)
+    results = []
+    for in_backward, remat in [(False, False), (True, False), (False, True), (True, True)]:
+        model.load_state_dict(initial)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        handle = step_in_backward(opt) if in_backward else None
+        for _ in range(2):
+            step(batch) if remat else lm_loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+        if handle is not None:
+            handle.remove()
+        results.append(copy.deepcopy(dict(model.named_parameters())))
+    for n in results[0]:
+        assert torch.equal(results[0][n], results[1][n]), n  # autograd: in backward == ordinary
+        assert torch.equal(results[2][n], results[3][n]), n  # remat: in backward == ordinary
