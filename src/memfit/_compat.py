@@ -31,6 +31,7 @@ __all__ = [
     "compiling_state",
     "eager_backward_compile",
     "fake_tensor_mode",
+    "inductor_graph_runs",
     "inductor_partitioning",
     "inductor_wrapper_peak",
     "is_traceable_wrapper_subclass",
@@ -371,3 +372,34 @@ def compiling_state() -> Any:
             compiler._is_compiling_flag, compiler._is_exporting_flag = old
 
     return flags()
+
+
+def inductor_graph_runs() -> Any:
+    """A context that yields a list, to which every run of an inductor-compiled graph inside it appends one entry;
+    ``None`` where this torch cannot report such runs.
+
+    ``torch._inductor.debug.RECORD_GRAPH_EXECUTION`` / ``GRAPH_EXECUTION_ORDER``: with the flag set and the list in
+    place, ``CompiledFxGraph.__call__`` (torch/_inductor/output_code.py) appends ``{"compile_id": ...}`` per call.
+    Both are restored on exit.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def runs() -> Any:
+        try:
+            from torch._inductor import debug
+        except ImportError:
+            yield None
+            return
+        if not hasattr(debug, "RECORD_GRAPH_EXECUTION") or not hasattr(debug, "GRAPH_EXECUTION_ORDER"):
+            yield None
+            return
+        old = (debug.RECORD_GRAPH_EXECUTION, debug.GRAPH_EXECUTION_ORDER)
+        log: list[Any] = []
+        debug.RECORD_GRAPH_EXECUTION, debug.GRAPH_EXECUTION_ORDER = True, log
+        try:
+            yield log
+        finally:
+            debug.RECORD_GRAPH_EXECUTION, debug.GRAPH_EXECUTION_ORDER = old
+
+    return runs()

@@ -23,6 +23,7 @@ is written here):
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -34,6 +35,7 @@ from torch import nn
 
 from memfit._compat import (
     TorchDispatchMode,
+    inductor_graph_runs,
     is_traceable_wrapper_subclass_type,
     no_python_dispatch,
     op_returns_alias,
@@ -96,6 +98,13 @@ class _Mode(TorchDispatchMode):
             tracker._on_op(func, out)
         return out
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        """Let ``torch.compile`` compile and run its code under this mode (the mode is off while it compiles). With
+        the default (``False``) dynamo skips every frame it meets under a mode and marks it skipped for good: a
+        compiled function would run eagerly inside the block *and after it*."""
+        return True
+
 
 class Tracker:
     """Measures live tensor-storage memory of a block by category; use through :func:`track`.
@@ -150,6 +159,11 @@ class Tracker:
         self._mode: _Mode | None = None
         self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._cuda_device: int | None = None
+        # runs of inductor-compiled graphs in the block (their allocations are invisible to a dispatch mode)
+        self._inductor_at_entry = False
+        self._graph_runs_ctx: Any = None
+        self._graph_runs: list[Any] | None = None
+        self._compiled_runs = 0
         self._cuda_entry: int | None = None
         self._cuda_max: int | None = None
 
@@ -233,6 +247,12 @@ class Tracker:
                 torch.cuda.reset_peak_memory_stats(self._cuda_device)
             self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
             self._saved_hooks.__enter__()
+            self._inductor_at_entry = "torch._inductor.output_code" in sys.modules
+            if (
+                self._inductor_at_entry
+            ):  # (importing inductor costs seconds: only when a compiled graph may run)
+                self._graph_runs_ctx = inductor_graph_runs()
+                self._graph_runs = self._graph_runs_ctx.__enter__()
             self._mode = _Mode(self)
             self._mode.__enter__()
         except BaseException:
@@ -248,12 +268,32 @@ class Tracker:
     ) -> None:
         # The report is built even when the block raised (an out-of-memory error is when it matters most).
         self._teardown()
+        if exc_type is None and self._compiled_runs:
+            raise TrackerError(
+                f"the block ran {self._compiled_runs} graph(s) compiled by torch.compile's inductor backend; their "
+                "kernels allocate memory outside PyTorch's dispatch, where track() cannot see it, so t.report covers "
+                "only the code that ran outside them. The function stays compiled. To measure a compiled step, read "
+                "torch.cuda.max_memory_allocated() on CUDA or the process's peak RSS on CPU (docs/memory.md); for a "
+                "breakdown by category, track the function uncompiled (or compiled with backend='aot_eager')."
+            )
 
     # ------------------------------------------------------------------ internals
     def _teardown(self) -> None:
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
+        if self._graph_runs_ctx is not None:
+            self._compiled_runs = len(self._graph_runs or ())
+            self._graph_runs_ctx.__exit__(None, None, None)
+            self._graph_runs_ctx = None
+        elif (
+            self._state == "active"
+            and not self._inductor_at_entry
+            and "torch._inductor.output_code" in sys.modules
+        ):
+            self._compiled_runs = (
+                1  # inductor was first imported inside the block: it compiled and ran a graph
+            )
         if self._saved_hooks is not None:
             self._saved_hooks.__exit__(None, None, None)
             self._saved_hooks = None
