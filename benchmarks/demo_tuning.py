@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 12 steps, one seed")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--extend", action="store_true", help="run only the points of EXTEND (the second pass)")
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in --out, run the others")
     ap.add_argument("--merge", type=Path, nargs="+", help="combine the runs of these result files into --out")
     args = ap.parse_args()
     if args.merge:
@@ -160,6 +161,11 @@ def main() -> None:
     shapes = {c: (cfg.batch_size, steps, warmup) for c in GRID}
     eq: Any = None  # the planner's choice, made when the equal-memory configuration first runs
     runs: list[dict[str, Any]] = []
+    before = {"wall_seconds": 0.0, "cpu_seconds": 0.0}
+    if args.resume and args.out.exists():
+        old = json.loads(args.out.read_text())
+        runs, before = old["runs"], {k: old[k] for k in before}
+    done = {(r["config"], r["lr"], r["seed"]) for r in runs}
     grid = EXTEND if args.extend else GRID
     header: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -184,6 +190,8 @@ def main() -> None:
                 header["equal_memory_plan"] = eq.to_dict()
             b, s, w = shapes[config]
             for lr in lrs:
+                if (config, lr, seed) in done:
+                    continue
                 r = train_once(kind, lr, seed, ds, batch_size=b, seq_len=cfg.seq_len, steps=s, warmup=w)
                 runs.append({"config": config, "lr": lr, "seed": seed, **r})
                 print(
@@ -196,8 +204,8 @@ def main() -> None:
                     "shapes": {
                         c: {"batch_size": b, "steps": s, "warmup_steps": w} for c, (b, s, w) in shapes.items()
                     },
-                    "wall_seconds": time.perf_counter() - t_start,
-                    "cpu_seconds": time.process_time() - c_start,
+                    "wall_seconds": before["wall_seconds"] + time.perf_counter() - t_start,
+                    "cpu_seconds": before["cpu_seconds"] + time.process_time() - c_start,
                     "runs": runs,
                     **summary,
                 }
