@@ -1,0 +1,305 @@
+"""What do memfit's remat paths buy on models as users write them? The test zoo (``tests/remat_torch/zoo.py``: HF
+BERT, Llama, T5, ViT, GPT-NeoX, Mixtral, Mamba from small configs; a torchvision-style ResNet-18), one table:
+
+    model x {eager, per-block checkpointing, torch.compile, memfit eager at 0.5, memfit eager at its least memory,
+             memfit backend at 0.5}
+
+- **per-block checkpointing**: HF's ``gradient_checkpointing_enable()`` (non-reentrant), ``torch.utils.checkpoint``
+  around each basic block of ResNet-18 (non-reentrant);
+- **memfit eager**: ``memfit.remat.compile`` (the eager executor), budget 0.5 of the activation peak (or its least
+  memory where 0.5 is below it: the row says so) and at its least memory; the row also gives the plan's predicted
+  compute (``cost_overhead``) next to the measured step time relative to memfit without recomputation;
+- **memfit backend**: ``torch.compile(backend=memfit.remat.backend(budget=0.5))`` (inductor).
+
+Memory is the step's RSS high-water mark above the RSS before it (``VmHWM`` after a reset through
+``/proc/self/clear_refs``), in processes run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed blocks go back to
+the OS and RSS follows live tensors. Time is ``time.process_time`` on one thread, median over interleaved steps;
+every ratio is against eager autograd measured in the same process (a compiled configuration runs in a process of
+its own, eager beside it). The **BN updates** column is how many times one step advanced the BatchNorm counters
+(``num_batches_tracked``, the most over all BN layers): eager autograd and memfit 1, per-block checkpointing 2 (the
+recomputed forward updates the running statistics again).
+
+    python benchmarks/remat_zoo.py                       # every model, "small" configs
+    python benchmarks/remat_zoo.py --models resnet18 bert --steps 5
+    python benchmarks/remat_zoo.py --size tiny           # a smoke run
+
+Writes ``benchmarks/results/remat_zoo.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "remat_torch"))
+import zoo
+
+import _table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GROUPS = {  # configurations measured in one process (a torch.compile'd configuration gets a process of its own)
+    "eager": ["eager", "checkpoint", "memfit none", "memfit 0.5", "memfit min"],
+    "compile": ["eager", "torch.compile"],
+    "backend": ["eager", "memfit backend 0.5"],
+}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _bn_counts(model: torch.nn.Module) -> int | None:
+    counts = [
+        int(m.num_batches_tracked)
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+    return max(counts) if counts else None
+
+
+def _checkpointed(model: torch.nn.Module) -> None:
+    """Per-block checkpointing as a user turns it on: HF's switch, else ``torch.utils.checkpoint`` per block."""
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    for block in zoo.blocks(model):
+        inner = block.forward
+
+        def forward(x: torch.Tensor, inner: Callable[..., torch.Tensor] = inner) -> torch.Tensor:
+            out: torch.Tensor = torch.utils.checkpoint.checkpoint(inner, x, use_reentrant=False)
+            return out
+
+        block.forward = forward  # type: ignore[method-assign]
+
+
+def _fresh(fn: Callable[[Any], Any], tag: str) -> Callable[[Any], Any]:
+    """``fn`` with a code object of its own (dynamo caches compiled graphs per code object)."""
+    import types
+
+    code = fn.__code__.replace(co_name=f"step_{tag.replace(' ', '_').replace('.', '_')}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def make_configs(
+    name: str, size: str, group: str
+) -> tuple[dict[str, Callable[[], Any]], dict[str, torch.nn.Module], dict[str, Any]]:
+    """One model per configuration (same initial weights), a zero-argument step for each, and plan facts."""
+    import memfit.remat
+
+    model, loss_fn, batch = zoo.BUILDERS[name](size)
+    model.train()
+    initial = copy.deepcopy(model)
+    steps: dict[str, Callable[[], Any]] = {}
+    models: dict[str, torch.nn.Module] = {}
+    facts: dict[str, Any] = {}
+    first: Any = None
+    for cfg in GROUPS[group]:
+        m = copy.deepcopy(initial)
+        models[cfg] = m
+        if cfg == "eager":
+            steps[cfg] = lambda m=m: loss_fn(m, batch).backward()
+        elif cfg == "checkpoint":
+            _checkpointed(m)
+            steps[cfg] = lambda m=m: loss_fn(m, batch).backward()
+        elif cfg == "torch.compile":
+            f = torch.compile(_fresh(lambda b, m=m: loss_fn(m, b), cfg))
+            steps[cfg] = lambda f=f: f(batch).backward()
+        elif cfg == "memfit backend 0.5":
+            be = memfit.remat.backend(budget=0.5)
+            f = torch.compile(_fresh(lambda b, m=m: loss_fn(m, b), cfg), backend=be)
+            steps[cfg] = lambda f=f: f(batch).backward()
+            facts[cfg] = {"backend": be}
+        else:  # memfit eager: one capture, three schedules
+            if first is None:
+                first = memfit.remat.compile(m, loss_fn, batch)
+            budget = cfg.split()[1]
+            if budget == "none":
+                step = first.with_budget(None)
+            else:
+                step = _feasible(first, batch, 0.5 if budget == "0.5" else 1, facts, cfg)
+            step.model = m
+            step.prepare(batch)
+            facts.setdefault(cfg, {}).update(
+                {"predicted_overhead": step.plan.cost_overhead, "peak_predicted_bytes": step.plan.peak_bytes}
+            )
+            steps[cfg] = lambda step=step: step(batch)
+    return steps, models, facts
+
+
+def _feasible(first: Any, batch: Any, budget: float | int, facts: dict[str, Any], cfg: str) -> Any:
+    from memfit.remat import InfeasibleBudget
+
+    step = first.with_budget(budget)
+    try:
+        step.prepare(batch)
+    except InfeasibleBudget as exc:
+        step = first.with_budget(exc.min_peak)
+        if budget != 1:
+            facts.setdefault(cfg, {})["note"] = (
+                f"0.5 infeasible: at its least memory ({exc.min_peak / 2**20:.2f} MiB)"
+            )
+    return step
+
+
+def worker(name: str, size: str, group: str, steps_n: int) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    steps, models, facts = make_configs(name, size, group)
+    out: dict[str, Any] = {cfg: {} for cfg in steps}
+    for cfg, fn in steps.items():  # first step: compiles, lazy state; BN counters read after exactly one step
+        fn()
+        out[cfg]["bn_updates"] = _bn_counts(models[cfg])
+    for cfg, fn in steps.items():
+        for p in models[cfg].parameters():
+            p.grad = None
+        fn()  # warm
+        for p in models[cfg].parameters():
+            p.grad = None
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _rss_kib("VmRSS")
+        fn()
+        out[cfg]["rss_peak_bytes"] = (_rss_kib("VmHWM") - before) * 1024
+    times: dict[str, list[float]] = {cfg: [] for cfg in steps}
+    for _ in range(steps_n):  # interleaved
+        for cfg, fn in steps.items():
+            for p in models[cfg].parameters():
+                p.grad = None
+            t = time.process_time()
+            fn()
+            times[cfg].append(time.process_time() - t)
+    for cfg in steps:
+        out[cfg]["step_seconds"] = statistics.median(times[cfg])
+        out[cfg]["step_seconds_all"] = times[cfg]
+        f = facts.get(cfg, {})
+        if "backend" in f:
+            plans = f.pop("backend").plans
+            out[cfg]["plans"] = [p.to_dict() for p in plans]
+        out[cfg].update(f)
+    out["_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _spawn(args: list[str]) -> dict[str, Any]:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        return {
+            "error": proc.stderr.strip().splitlines()[-1][:300]
+            if proc.stderr.strip()
+            else f"exit {proc.returncode}"
+        }
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(models: list[str], size: str, groups: list[str], steps_n: int, path: Path) -> dict[str, Any]:
+    results: dict[str, Any] = json.loads(path.read_text())["models"] if path.exists() else {}
+    for name in models:
+        rows: dict[str, Any] = {}
+        for group in groups:
+            t0 = time.perf_counter()
+            got = _spawn(["--worker", name, size, group, str(steps_n)])
+            print(f"{name} {group}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            if "error" in got:
+                for cfg in GROUPS[group][1:]:
+                    rows[cfg] = {"error": got["error"]}
+                continue
+            eager = got.pop("eager")
+            got.pop("_seconds", None)
+            for cfg, r in got.items():
+                r["memory_ratio"] = r["rss_peak_bytes"] / eager["rss_peak_bytes"]
+                r["time_ratio"] = r["step_seconds"] / eager["step_seconds"]
+                r["eager_same_process"] = eager
+                rows[cfg] = r
+            rows.setdefault("eager", {**eager, "memory_ratio": 1.0, "time_ratio": 1.0})
+        none = rows.get("memfit none", {})
+        for cfg in ("memfit 0.5", "memfit min"):
+            r = rows.get(cfg, {})
+            if "step_seconds" in r and "step_seconds" in none:
+                r["measured_overhead"] = r["step_seconds"] / none["step_seconds"]
+        results[name] = rows
+        _write(path, results, size, steps_n)
+    return results
+
+
+def _write(path: Path, results: dict[str, Any], size: str, steps_n: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, other work running beside it",
+        "size": size,
+        "steps": steps_n,
+    }
+    path.write_text(json.dumps({"meta": meta, "models": results}, indent=1))
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console(width=160)
+    order = ["eager", "checkpoint", "torch.compile", "memfit 0.5", "memfit min", "memfit backend 0.5"]
+    for name, rows in results.items():
+        configs = {cfg: rows[cfg] for cfg in order if cfg in rows}
+
+        def bn(r: dict[str, Any]) -> str:
+            return "-" if r.get("bn_updates") is None else str(r["bn_updates"])
+
+        def pred(r: dict[str, Any]) -> str:
+            if "predicted_overhead" not in r or "measured_overhead" not in r:
+                return ""
+            return f"compute {r['predicted_overhead']:.2f}x predicted, {r['measured_overhead']:.2f}x measured"
+
+        _table.print_table(
+            console,
+            f"{name}: step memory (RSS) and time, ratios to eager autograd in the same process",
+            configs,
+            [
+                ("memory", lambda r: f"{r['memory_ratio']:.2f}x"),
+                ("time", lambda r: f"{r['time_ratio']:.2f}x"),
+                ("BN updates", bn),
+                ("RSS MiB", lambda r: f"{r['rss_peak_bytes'] / 2**20:.1f}"),
+            ],
+            note=lambda r: "; ".join(x for x in (r.get("note", ""), pred(r)) if x),
+            measured=lambda r: "memory_ratio" in r,
+            why=lambda r: r.get("error", "not run"),
+            width=80,
+        )
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        name, size, group, steps_n = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+        print(json.dumps(worker(name, size, group, steps_n)))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="*", default=list(zoo.BUILDERS))
+    ap.add_argument("--groups", nargs="*", default=list(GROUPS), choices=list(GROUPS))
+    ap.add_argument("--size", default="small", choices=["tiny", "small"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=RESULTS / "remat_zoo.json")
+    ap.add_argument("--report", action="store_true", help="print the tables of --out without running")
+    args = ap.parse_args()
+    if not args.report:
+        run(args.models, args.size, args.groups, args.steps, args.out)
+    print_tables(json.loads(args.out.read_text())["models"])
+
+
+if __name__ == "__main__":
+    main()
