@@ -18,7 +18,7 @@ from memfit.plan._estimate import DEFAULT_OPTIMIZERS, estimate
 from memfit.plan._optimizers import OPTIMIZERS, make_optimizer
 from memfit.plan._rows import Estimate, PlanRow, parse_bytes
 from memfit.plan._trace import LossError
-from memfit.plan._workload import PRECISIONS, PlanInputError, Workload, from_hf, import_object
+from memfit.plan._workload import PRECISIONS, PlanInputError, Workload, from_hf, from_module, import_object
 
 __all__ = [
     "DEFAULT_OPTIMIZERS",
@@ -31,6 +31,7 @@ __all__ = [
     "Workload",
     "estimate",
     "from_hf",
+    "from_module",
     "import_object",
     "make_optimizer",
     "parse_bytes",

@@ -67,9 +67,10 @@ def _no_data(t: Any) -> bool:
 class _Cost(TorchDispatchMode):
     """Sums each op's predicted seconds: ``flops / flops_per_s + bytes / bytes_per_s + op_overhead_s``."""
 
-    def __init__(self, rates: Any) -> None:
+    def __init__(self, rates: Any, flops_by_dtype: dict[torch.dtype, float] | None = None) -> None:
         super().__init__()
         self.rates = rates
+        self.flops_by_dtype = flops_by_dtype or {}
         self.seconds = 0.0
         self._views: dict[Any, bool] = {}
 
@@ -87,13 +88,51 @@ class _Cost(TorchDispatchMode):
             self.seconds += 0.5 * r.op_overhead_s
             return out
         moved = 0
+        dtype = None
         for t in pytree.tree_leaves((args, kwargs, out)):
             if isinstance(t, torch.Tensor):
                 moved += t.numel() * t.element_size()
-        self.seconds += (
-            _flops(func, args, kwargs, out) / r.flops_per_s + moved / r.bytes_per_s + r.op_overhead_s
-        )
+                dtype = dtype or t.dtype
+        flops = _flops(func, args, kwargs, out)
+        rate = self.flops_by_dtype.get(dtype, r.flops_per_s) if flops and dtype is not None else r.flops_per_s
+        self.seconds += flops / rate + moved / r.bytes_per_s + r.op_overhead_s
         return out
+
+
+_MATMUL_RATES: dict[str, dict[torch.dtype, float]] = {}
+
+
+def matmul_rates(device: torch.device, fp32_rate: float) -> dict[torch.dtype, float]:
+    """FLOP rates of float32, bfloat16 and float16 matmuls on ``device``: ``fp32_rate`` scaled by each dtype's
+    time on a (1024, 256) x (256, 1024) product against float32's (measured once per process). CPUs without
+    bf16/fp16 matrix units run them tens of times slower than float32: an autocast step's time hinges on it."""
+    key = str(device)
+    if key in _MATMUL_RATES:
+        return _MATMUL_RATES[key]
+    import time
+
+    def best(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    secs: dict[torch.dtype, float] = {}
+    with torch.random.fork_rng(devices=[]):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            a = torch.randn(1024, 256, device=device).to(dtype)
+            b = torch.randn(256, 1024, device=device).to(dtype)
+            secs[dtype] = best(lambda a=a, b=b: a @ b)
+    rates = {d: fp32_rate * secs[torch.float32] / secs[d] for d in secs}
+    _MATMUL_RATES[key] = rates
+    return rates
 
 
 def _flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
@@ -132,6 +171,8 @@ class Env:
         self.rates = rates
         self.meta = meta
         self.mode = fake_tensor_mode()
+        # measured here, on real tensors (not under the fake mode of a trace)
+        self.flops_by_dtype = matmul_rates(device, rates.flops_per_s) if rates is not None else {}
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -171,7 +212,7 @@ class Env:
         if self.rates is None:
             yield None
             return
-        with _Cost(self.rates) as cost:
+        with _Cost(self.rates, self.flops_by_dtype) as cost:
             yield cost
 
 

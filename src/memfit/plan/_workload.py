@@ -60,8 +60,13 @@ def from_spec(spec: ModelSpec, batch_size: int, seq_len: int | None) -> Workload
     seq = seq_len if seq_len is not None else spec.seq_len
 
     def build() -> nn.Module:
-        with torch.device("meta"):
-            return spec.build()
+        try:
+            with torch.device("meta"):
+                return spec.build()
+        except Exception as exc:
+            raise PlanInputError(
+                f"model factory {spec.name!r} raised {type(exc).__name__}: {_line(exc)}"
+            ) from exc
 
     spec.example_batch(batch_size, seq, device="meta")  # checks the sizes now, with the preset's message
     return Workload(
