@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from memfit import _compat
 from memfit.remat.core.errors import InfeasibleBudget
+from memfit.remat.core.graph import Graph
 from memfit.remat.core.schedule import Schedule
 from memfit.remat.core.solve import Method
 from memfit.remat.eager.capture import (
@@ -121,7 +122,7 @@ class RematStep:
         model: torch.nn.Module,
         loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
         *,
-        budget: int | float | None,
+        budget: int | float | str | None,
         method: Method,
         cost: CostModel,
     ) -> None:
@@ -135,7 +136,7 @@ class RematStep:
         self._captures: dict[tuple[Any, ...], CapturedStep] = {}
         self._last: _Compiled | None = None
 
-    def with_budget(self, budget: int | float | None, method: Method | None = None) -> RematStep:
+    def with_budget(self, budget: int | float | str | None, method: Method | None = None) -> RematStep:
         """A step for the same model and loss under another budget (or method), reusing this step's captures.
 
         Capturing is the slow part of :func:`compile`; a sweep over budgets captures each batch shape once.
@@ -221,14 +222,13 @@ class RematStep:
         else:
             budget_bytes = _budget_bytes(self.budget, base_sim.peak - inputs)
             try:
-                schedule = solve(graph, inputs + budget_bytes, method=self.method)
+                if self.budget == "min":  # the least peak the solver reaches
+                    schedule = solve(graph, "min", method=self.method)
+                    budget_bytes = schedule.simulate().peak - inputs
+                else:
+                    schedule = solve(graph, inputs + budget_bytes, method=self.method)
             except InfeasibleBudget as exc:
-                raise InfeasibleBudget(
-                    budget=budget_bytes,
-                    min_peak=max(exc.min_peak - inputs, 0),
-                    method=exc.method,
-                    reason="bytes beyond parameters, buffers and batch; smallest feasible budget is min_peak",
-                ) from exc
+                raise _infeasible(exc, captured, graph, base_sim.peak) from None
             if updates:
                 schedule = place_updates(schedule, update_params)
         solve_seconds = time.perf_counter() - t0
@@ -298,9 +298,42 @@ def _overhead(captured: CapturedStep, schedule: Schedule, base: Schedule) -> flo
     return cost / base_cost if base_cost > 0 else 1.0
 
 
-def _budget_bytes(budget: int | float, noremat_non_input: int) -> int:
+def _infeasible(
+    exc: InfeasibleBudget, captured: CapturedStep, graph: Graph, noremat_peak: int
+) -> InfeasibleBudget:
+    """The solver's error in the terms :func:`compile` budgets in: bytes beyond parameters, buffers and batch."""
+    inputs = graph.input_bytes
+    n_par, n_buf = len(captured.param_names), len(captured.buffer_names)
+    ids = captured.placeholder_ids
+    par = sum(graph.nbytes(v) for v in ids[:n_par])
+    buf = sum(graph.nbytes(v) for v in ids[n_par : n_par + n_buf])
+    # a gradient is as large as its parameter (its graph value may be a 0-byte view of a larger one)
+    grads = sum(
+        graph.nbytes(ids[k]) for k, name in enumerate(captured.param_names) if name in captured.grad_outputs
+    )
+    return InfeasibleBudget(
+        budget=max(exc.budget - inputs, 0),
+        min_peak=max(exc.min_peak_bytes - inputs, 0),
+        method=exc.method,
+        reference_bytes=noremat_peak - inputs,
+        fixed={
+            "gradients (inside the budget)": grads,
+            "parameters, buffers and batch (outside it)": inputs,
+            "of which parameters": par,
+            "buffers": buf,
+            "batch": max(inputs - par - buf, 0),
+        },
+        counted="memory beyond parameters, buffers and batch",
+    )
+
+
+def _budget_bytes(budget: int | float | str, noremat_non_input: int) -> int:
+    if budget == "min":
+        return 0  # the solver finds the least peak
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(f"budget must be bytes (int), a fraction in (0, 1] (float) or None, got {budget!r}")
+        raise TypeError(
+            f'budget must be bytes (int), a fraction in (0, 1] (float), "min" or None, got {budget!r}'
+        )
     if isinstance(budget, float):
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"a fractional budget must be in (0, 1], got {budget}")
@@ -315,7 +348,7 @@ def compile(
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
     example_batch: Any,
     *,
-    budget: int | float | None = None,
+    budget: int | float | str | None = None,
     method: Method = "budget",
     cost: CostModel = "flops",
 ) -> RematStep:
@@ -326,7 +359,8 @@ def compile(
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; ``batch`` is passed exactly as given to the step.
         example_batch: fixes shapes and dtypes (a tensor, or a tuple/list/dict of tensors).
         budget: peak bytes beyond the parameters, buffers and batch (an int), or a float in (0, 1]: that
-            fraction of the no-remat step's peak of such memory. ``None``: no recomputation (the baseline).
+            fraction of the no-remat step's peak of such memory; ``"min"``: the least peak the solver reaches.
+            ``None``: no recomputation (the baseline).
         method: a solver of :func:`memfit.remat.solve` (``"budget"``, ``"twremat"``, ``"checkpoint"``, ...).
         cost: ``"flops"`` (estimated from FLOPs and bytes moved) or ``"profile"`` (measured per op).
 
@@ -334,8 +368,9 @@ def compile(
         The :class:`RematStep`; it is compiled for ``example_batch`` right away, so errors surface here.
 
     Raises:
-        InfeasibleBudget: the budget is below what the step needs; ``min_peak`` is the smallest feasible budget
-            (non-input bytes).
+        InfeasibleBudget: the budget is below what the step needs; ``min_peak_bytes`` / ``min_fraction`` give the
+            smallest feasible budget (non-input bytes, and as a fraction); the message says what recomputation
+            cannot reduce (gradients, parameters, batch).
         UnsupportedGraph: the step cannot be captured (the message names the op or the cause).
     """
     if budget is not None:

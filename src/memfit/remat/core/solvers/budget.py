@@ -78,8 +78,10 @@ def solve_budget(
     search_rounds: int | None = None,
     structured: bool = True,
     restarts: int | None = None,
-    exact_nodes: int = 40,
+    exact_nodes: int = 32,
     exact_time: float = 1.0,
+    milp_nodes: int = 40,
+    milp_time: float = 1.0,
     stage_nodes: int = 40,
     stage_evals: int = 12000,
 ) -> Schedule:
@@ -92,9 +94,13 @@ def solve_budget(
         search_rounds: local-search passes (default: 2 for graphs up to 200 nodes, else 0).
         structured: also try checkpoint segmentations and TwRemat as candidates.
         restarts: randomised eviction runs (default: 64 up to 60 nodes, 8 up to 400, else 0).
-        exact_nodes: on graphs of at most this many nodes, also run the MILP (Checkmate) for at
-            most ``exact_time`` seconds and offer its best schedule; 0 turns it off.
-        exact_time: the MILP's time box in seconds.
+        exact_nodes: on graphs of at most this many needed nodes, first run the exact search
+            (:mod:`.exact`, optimal over all schedules) for at most ``exact_time`` seconds: when it
+            answers, its schedule (or its proof that nothing fits) is the result; 0 turns it off.
+        exact_time: the exact search's time box in seconds.
+        milp_nodes: on graphs of at most this many nodes, also run the MILP (Checkmate) for at
+            most ``milp_time`` seconds and offer its best schedule; 0 turns it off.
+        milp_time: the MILP's time box in seconds.
         stage_nodes: on graphs of at most this many nodes, also anneal over Checkmate's keep-sets
             (a second or two at 40 nodes); 0 turns it off.
         stage_evals: the annealing's cost-lowering moves (``evals`` of
@@ -114,6 +120,18 @@ def solve_budget(
         s = to_schedule(g, base, method="budget", budget=budget)
         s.info.update(candidate="noremat", solve_time_s=time.perf_counter() - t0)
         return s
+    small = bool(exact_nodes) and len(base) <= exact_nodes
+    known = g._cache.get("budget:min-peak")
+    if small and known is not None and known[2] and budget < known[0]:
+        raise InfeasibleBudget(budget=budget, min_peak=known[0], method="budget")  # proven before
+    if small:
+        ans = _exact_answer(g, budget, exact_time)
+        if ans is not None:
+            if ans[1] is None:  # proven: nothing fits
+                raise InfeasibleBudget(budget=budget, min_peak=ans[0], method="budget")
+            s = to_schedule(g, ans[1], method="budget", budget=budget)
+            s.info.update(candidate="exact", optimal=True, solve_time_s=time.perf_counter() - t0)
+            return s
     best: tuple[float, str, list[int]] | None = None
 
     def offer(name: str, seq: list[int] | None) -> None:
@@ -164,12 +182,22 @@ def solve_budget(
         offer("stage search", _stage_sequence(g, budget, stage_evals, time.perf_counter() + time_limit))
     # tiny graphs: a time-boxed exact search (the Checkmate MILP) as one more candidate, skipped
     # when the best schedule already computes every node once (nothing to gain)
-    if exact_nodes and len(g) <= exact_nodes and budget >= lower_bound(g) and time.perf_counter() < deadline:
+    if milp_nodes and len(g) <= milp_nodes and budget >= lower_bound(g) and time.perf_counter() < deadline:
         floor = seq_cost(g, base)
         if best is None or best[0] > floor + 1e-9:
-            offer("exact(milp)", _exact_sequence(g, budget, min(exact_time, deadline - time.perf_counter())))
+            offer("milp", _milp_sequence(g, budget, min(milp_time, deadline - time.perf_counter())))
+    cached = g._cache.get("budget:min-peak")
+    if cached is not None and cached[0] <= budget:
+        offer("min-peak search", list(cached[1]))  # the schedule behind a min_peak this solver reported
+    if best is None and small:
+        # the heuristics found nothing: give the exact search a longer look before saying nothing fits
+        ans = _exact_answer(g, budget, min(time_limit, 3.0))
+        if ans is not None and ans[1] is not None:
+            offer("exact", ans[1])
     if best is None:
-        mp, found = _min_peak_search(g, deadline=time.perf_counter() + time_limit, stage_nodes=stage_nodes)
+        mp, found = _min_peak_search(
+            g, deadline=time.perf_counter() + time_limit, stage_nodes=stage_nodes, exact_nodes=exact_nodes
+        )
         if mp > budget:
             raise InfeasibleBudget(budget=budget, min_peak=mp, method="budget")
         # the min-peak search reached the budget where the candidates above ran out of time (a loaded
@@ -200,7 +228,27 @@ def _stage_sequence(g: Graph, budget: int, evals: int, deadline: float) -> list[
     return seq
 
 
-def _exact_sequence(g: Graph, budget: int, time_limit: float) -> list[int] | None:
+def _exact_answer(g: Graph, budget: int, time_limit: float) -> tuple[int, list[int] | None] | None:
+    """The exact search's answer within ``time_limit`` seconds: ``(cost or min peak, sequence)``, with sequence
+    ``None`` when it proved that nothing fits (then the first item is the least peak, if that search also
+    finished in time); ``None`` when it ran out of time."""
+    from memfit.remat.core.errors import SearchLimit
+    from memfit.remat.core.solvers.exact import exact_min_peak, exact_sequence
+
+    t0 = time.perf_counter()
+    try:
+        seq = exact_sequence(g, budget, time_limit=time_limit)
+        if seq is not None:
+            return 0, seq
+        left = time_limit - (time.perf_counter() - t0)
+        mp, mseq = exact_min_peak(g, time_limit=max(left, 0.05))
+    except SearchLimit:
+        return None
+    g._cache["budget:min-peak"] = (mp, mseq, True)
+    return mp, None
+
+
+def _milp_sequence(g: Graph, budget: int, time_limit: float) -> list[int] | None:
     """The MILP's best compute sequence within ``time_limit`` seconds, or ``None`` (no incumbent)."""
     import numpy as np
 
@@ -249,18 +297,42 @@ def _local_search(
 
 
 def min_peak_budget(
-    g: Graph, *, iters: int = 40, deadline: float = float("inf"), stage_nodes: int = 40
+    g: Graph, *, iters: int = 40, deadline: float = float("inf"), stage_nodes: int = 40, exact_nodes: int = 32
 ) -> int:
-    """The smallest budget at which the eviction run (or a structured candidate, or on graphs of
-    at most ``stage_nodes`` nodes the annealing over keep-sets) finds a schedule."""
-    return _min_peak_search(g, iters=iters, deadline=deadline, stage_nodes=stage_nodes)[0]
+    """The smallest budget at which this solver finds a schedule: on graphs of at most ``exact_nodes`` needed
+    nodes the least peak over all schedules (:func:`.exact.exact_min_peak`, when it answers within 3 s or the
+    deadline); otherwise the least peak of the eviction run (bisecting the budget), the structured candidates
+    and, on graphs of at most ``stage_nodes`` nodes, the annealing over keep-sets -- an upper bound on the true
+    least peak, and one this solver meets (solving again at it returns that schedule)."""
+    return _min_peak_search(
+        g, iters=iters, deadline=deadline, stage_nodes=stage_nodes, exact_nodes=exact_nodes
+    )[0]
 
 
 def _min_peak_search(
-    g: Graph, *, iters: int = 40, deadline: float = float("inf"), stage_nodes: int = 40
+    g: Graph,
+    *,
+    iters: int = 40,
+    deadline: float = float("inf"),
+    stage_nodes: int = 40,
+    exact_nodes: int = 32,
 ) -> tuple[int, list[int]]:
-    """:func:`min_peak_budget` and a compute sequence that reaches it (deterministic, the deadline
-    aside, so that solving again at the peak it reports finds that schedule again)."""
+    """:func:`min_peak_budget` and a compute sequence that reaches it; the pair is cached on the graph, and
+    :func:`solve_budget` offers that sequence at any budget it fits, so a reported least peak is always met."""
+    cached = g._cache.get("budget:min-peak")
+    if cached is not None:
+        return cached[0], list(cached[1])
+    if exact_nodes and len(g.needed()) <= exact_nodes:
+        from memfit.remat.core.errors import SearchLimit
+        from memfit.remat.core.solvers.exact import exact_min_peak
+
+        try:
+            mp, mseq = exact_min_peak(g, time_limit=max(0.05, min(3.0, deadline - time.perf_counter())))
+        except SearchLimit:
+            pass
+        else:
+            g._cache["budget:min-peak"] = (mp, mseq, True)
+            return mp, list(mseq)
     best_seq = noremat_order(g)
     hi = seq_peak(g, best_seq)
     lo = lower_bound(g) - 1  # infeasible for sure below the lower bound
@@ -284,4 +356,6 @@ def _min_peak_search(
                 break
         if not ok:
             lo = mid
+    # remembered even when the clock cut the search short: a least peak this solver reported, it meets again
+    g._cache["budget:min-peak"] = (hi, list(best_seq), False)
     return hi, best_seq
