@@ -1,9 +1,16 @@
-"""The properties PyTorch checks for every optimizer, run over each memfit optimizer (optax-style suite)."""
+"""The properties PyTorch checks for every optimizer, run over each memfit optimizer (optax-style suite).
+
+Modelled on the properties of torch's own suite (``TestOptimRenewed`` in PyTorch's ``test/test_optim.py``
+over the ``OptimizerInfo`` entries of ``torch/testing/_internal/common_optimizers.py``): deterministic state
+dicts, hooks, deepcopy and pickle, loading across dtypes, foreach == for-loop == fused, a tensor lr,
+``zero_grad``, ``maximize``, a compiled ``step``, zero-size and empty params. The code is this project's.
+"""
 
 from __future__ import annotations
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -95,11 +102,9 @@ def test_fused_close_to_for_loop(name):
             p2.grad = p1.grad.clone()
         o1.step()
         o2.step()
-    if name == "sm3-bf16mom":  # rounding once (fused) vs twice (eager) in bf16: compare loosely
-        for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
-            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
-    else:
-        _assert_same(m1, m2, o1, o2, exact=False)
+    # Every path rounds the same way (memfit.optim._sm3_math) but for sqrt: ATen's CPU sqrt is not
+    # correctly rounded (1 ulp off in ~17% of entries), the fused kernel's is. bf16 momentum hides that.
+    _assert_same(m1, m2, o1, o2, exact=name == "sm3-bf16mom")
 
 
 @pytest.mark.parametrize("name", list(ALL_OPTIMIZERS))
@@ -130,6 +135,8 @@ def test_deepcopy_is_independent_and_equal(name):
     for (k1, a), (_, b) in zip(_state_tensors(o1), _state_tensors(o2), strict=True):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), k1
     assert o2.param_groups[0]["lr"] == o1.param_groups[0]["lr"]
+    public = {k for k in vars(o1) if not k.startswith("_")}
+    assert public == {k for k in vars(o2) if not k.startswith("_")}
 
 
 def test_repr_lists_hyperparameters():
@@ -272,7 +279,7 @@ def test_closure_is_called_and_its_loss_returned():
     assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
 
 
-@pytest.mark.parametrize("name", ["sm3", "sm3-fused", "countsketch-adam"])
+@pytest.mark.parametrize("name", list(ALL_OPTIMIZERS))
 def test_maximize_equals_minimizing_the_negated_gradient(name):
     p1 = nn.Parameter(torch.randn(4, 3))
     p2 = nn.Parameter(p1.detach().clone())
@@ -312,3 +319,234 @@ def test_torch_compile_of_step_matches_eager():
         o2.step()
     for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- the rest of torch's contract
+def _sd_equal(a, b):
+    """Two state dicts hold the same keys, hyperparameters and bitwise-equal tensors."""
+    assert a.keys() == b.keys() and a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for pid, state in a["state"].items():
+        assert state.keys() == b["state"][pid].keys()
+        for key, value in state.items():
+            other = b["state"][pid][key]
+            assert value.dtype == other.dtype and torch.equal(value, other), (pid, key)
+
+
+@pytest.mark.parametrize("name", list(ALL_OPTIMIZERS))
+def test_state_dict_is_deterministic_and_loading_leaves_it_unchanged(name):
+    """Equal (not identical) parameters give equal state dicts; load_state_dict does not modify its input."""
+    m1, m2 = _model(), _model()
+    o1, o2 = ALL_OPTIMIZERS[name](m1.parameters()), ALL_OPTIMIZERS[name](m2.parameters())
+    for s in range(2):
+        _step(m1, o1, s)
+        _step(m2, o2, s)
+    _sd_equal(o1.state_dict(), o2.state_dict())
+    given, kept = copy.deepcopy(o1.state_dict()), copy.deepcopy(o1.state_dict())
+    o3 = ALL_OPTIMIZERS[name](_model(1).parameters())
+    o3.load_state_dict(given)
+    _sd_equal(given, kept)
+    _sd_equal(o3.state_dict(), kept)
+    _step(m1, o1, 2)
+    _sd_equal(o3.state_dict(), kept)  # o3's loaded state is its own: stepping o1 left it as loaded
+
+
+@pytest.mark.parametrize("name", list(ALL_OPTIMIZERS))
+def test_pickle_round_trip_continues_identically(name):
+    m1 = _model()
+    o1 = ALL_OPTIMIZERS[name](m1.parameters())
+    _step(m1, o1, 0)
+    m2, o2 = pickle.loads(pickle.dumps((m1, o1)))  # together, so o2 holds m2's parameters
+    assert o2.param_groups[0]["params"][0] is next(m2.parameters())
+    for s in range(1, 3):
+        _step(m1, o1, s)
+        _step(m2, o2, s)
+    _assert_same(m1, m2, o1, o2, exact=True)
+
+
+@pytest.mark.parametrize("name", list(ALL_OPTIMIZERS))
+def test_state_loads_across_dtypes(name):
+    """A float32 run's state loads into the optimizer of a float64 copy: the dtypes a fresh optimizer of the
+    float64 model allocates, and the continued run tracks the float32 one."""
+    m32 = _model()
+    o32 = ALL_OPTIMIZERS[name](m32.parameters())
+    for s in range(2):
+        _step(m32, o32, s)
+    m64 = copy.deepcopy(m32).double()
+    o64 = ALL_OPTIMIZERS[name](m64.parameters())
+    o64.load_state_dict(o32.state_dict())
+    fresh_model = _model().double()
+    fresh = ALL_OPTIMIZERS[name](fresh_model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    fresh_model(torch.randn(4, 6, generator=gen, dtype=torch.float64)).sum().backward()
+    fresh.step()
+    for (k1, a), (k2, b) in zip(_state_tensors(o64), _state_tensors(fresh), strict=True):
+        assert k1 == k2 and a.dtype == b.dtype and a.device == b.device, k1
+    # Fixed gradients: model-dependent ones would amplify float32 rounding (Adam's m / sqrt(v) of a tiny g).
+    for s in range(2, 4):
+        gen = torch.Generator().manual_seed(s)
+        for p32, p64 in zip(m32.parameters(), m64.parameters(), strict=True):
+            p32.grad = torch.randn(p32.shape, generator=gen)
+            p64.grad = p32.grad.double()
+        o32.step()
+        o64.step()
+    for a, b in zip(m32.parameters(), m64.parameters(), strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(ALL_OPTIMIZERS))
+def test_state_dict_and_load_hooks_run_in_torchs_order(name):
+    m = _model()
+    opt = ALL_OPTIMIZERS[name](m.parameters())
+    _step(m, opt, 0)
+    opt.register_state_dict_pre_hook(lambda o: o.param_groups[0].__setitem__("tag", "pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 7})
+    sd = opt.state_dict()
+    assert sd["extra"] == 7 and sd["param_groups"][0]["tag"] == "pre"
+    first_key = next(iter(sd["state"][0]))
+    target = ALL_OPTIMIZERS[name](_model(1).parameters())
+    calls = []
+
+    def pre(o, state_dict):
+        calls.append("pre")
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"][0][first_key] = state_dict["state"][0][first_key] + 1
+        return state_dict
+
+    def post(o):
+        calls.append("post")
+        o.state[o.param_groups[0]["params"][1]]["step"].fill_(42)
+
+    target.register_load_state_dict_pre_hook(pre)
+    target.register_load_state_dict_post_hook(post)
+    target.load_state_dict(sd)
+    assert calls == ["pre", "post"]
+    p0, p1 = target.param_groups[0]["params"][:2]
+    torch.testing.assert_close(target.state[p0][first_key].double(), sd["state"][0][first_key].double() + 1)
+    assert target.state[p1]["step"] == 42
+
+
+@pytest.mark.parametrize("path", ["for-loop", "foreach", "fused"])
+def test_tensor_lr_changed_in_place_is_the_lr_stepped(path):
+    """A tensor lr updated in place between steps (as LR schedulers do) is the lr each step uses."""
+    flags = {"for-loop": {"foreach": False, "fused": False}, "foreach": {"foreach": True, "fused": False}}
+    flags["fused"] = {"fused": True}
+    m1, m2 = _model(), _model()
+    lr = torch.tensor(0.2)
+    o1 = SM3(m1.parameters(), lr=lr, weight_decay=0.01, **flags[path])
+    o2 = SM3(m2.parameters(), lr=0.2, weight_decay=0.01, **flags[path])
+    for s, value in enumerate([0.2, 0.05, 0.0, 0.1]):
+        lr.fill_(value)
+        o2.param_groups[0]["lr"] = value
+        _step(m1, o1, s)
+        _step(m2, o2, s)
+        for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0 if path != "fused" else 1e-7)
+
+
+def test_tensor_lr_follows_a_scheduler_like_a_float_lr_for_every_optimizer():
+    for name, factory in ALL_OPTIMIZERS.items():
+        m1, m2 = _model(), _model()
+        o1, o2 = factory(m1.parameters(), lr=torch.tensor(0.02)), factory(m2.parameters(), lr=0.02)
+        s1 = torch.optim.lr_scheduler.StepLR(o1, step_size=1, gamma=0.5)
+        s2 = torch.optim.lr_scheduler.StepLR(o2, step_size=1, gamma=0.5)
+        for s in range(3):
+            _step(m1, o1, s)
+            _step(m2, o2, s)
+            s1.step()
+            s2.step()
+        assert isinstance(o1.param_groups[0]["lr"], torch.Tensor)
+        torch.testing.assert_close(o1.param_groups[0]["lr"], torch.tensor(0.0025))
+        for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("name", list(ALL_OPTIMIZERS))
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad(name, set_to_none):
+    m = _model()
+    opt = ALL_OPTIMIZERS[name](m.parameters())
+    _step(m, opt, 0)
+    opt.zero_grad(set_to_none=set_to_none)
+    for p in m.parameters():
+        assert p.grad is None if set_to_none else torch.equal(p.grad, torch.zeros_like(p))
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_OPTIMIZERS if n != "sm3-ema-wd"])
+def test_a_first_step_with_zero_gradients_is_a_no_op_without_weight_decay(name):
+    m = _model()
+    opt = ALL_OPTIMIZERS[name](m.parameters())
+    before = [p.detach().clone() for p in m.parameters()]
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for a, b in zip(before, m.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert all(len(opt.state[p]) > 0 for p in m.parameters())  # state exists: the step did run
+
+
+@pytest.mark.parametrize("name", list(ALL_OPTIMIZERS))
+def test_empty_parameter_lists_and_zero_size_parameters(name):
+    with pytest.raises(ValueError, match="optimizer got an empty parameter list"):
+        ALL_OPTIMIZERS[name]([])
+    ALL_OPTIMIZERS[name]([{"params": []}]).step()  # an empty group is allowed and a no-op
+    empties = [nn.Parameter(torch.zeros(s)) for s in [(0, 5), (3, 0), (0,)]]
+    live, live_ref = nn.Parameter(torch.ones(4, 3)), nn.Parameter(torch.ones(4, 3))
+    opt, ref = ALL_OPTIMIZERS[name]([*empties, live]), ALL_OPTIMIZERS[name]([live_ref])
+    for s in range(2):
+        for e in empties:
+            e.grad = torch.zeros_like(e)
+        live.grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(s))
+        live_ref.grad = live.grad.clone()
+        opt.step()
+        ref.step()
+    if name != "countsketch-adam":  # its hashes depend on the parameter's position in the optimizer
+        assert torch.equal(live, live_ref)
+    assert not torch.equal(live, torch.ones(4, 3))
+    assert all(e.shape == e.grad.shape for e in empties)
+
+
+@pytest.mark.parametrize("name", list(ALL_OPTIMIZERS))
+def test_non_contiguous_parameters_step_like_contiguous_ones(name):
+    base = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    p_t = nn.Parameter(base.t().contiguous().t())  # (5, 4), column-major: not contiguous
+    p_c = nn.Parameter(base.clone())
+    assert not p_t.is_contiguous()
+    o_t, o_c = ALL_OPTIMIZERS[name]([p_t]), ALL_OPTIMIZERS[name]([p_c])
+    for s in range(3):
+        g = torch.randn(5, 4, generator=torch.Generator().manual_seed(s + 1))
+        p_t.grad, p_c.grad = g.t().contiguous().t(), g.clone()
+        o_t.step()
+        o_c.step()
+    torch.testing.assert_close(p_t, p_c, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_step_keeps_the_nonfinite_policy_and_follows_a_tensor_lr():
+    """torch.compile(opt.step): a tensor lr changed in place is used without recompiling, and a NaN still
+    raises before anything is written (the check's one host sync is a graph break, not a silent skip)."""
+    from memfit.optim import NonFiniteGradientError
+
+    torch._dynamo.reset()
+    m1, m2 = nn.Linear(4, 3), nn.Linear(4, 3)
+    m2.load_state_dict(m1.state_dict())
+    lr = torch.tensor(0.1)
+    o1, o2 = SM3(m1.parameters(), lr=lr), SM3(m2.parameters(), lr=0.1, fused=False)
+    compiled = torch.compile(o1.step)
+    gen = torch.Generator().manual_seed(0)
+    for value in (0.1, 0.03, 0.01):
+        lr.fill_(value)
+        o2.param_groups[0]["lr"] = value
+        x = torch.randn(2, 4, generator=gen)
+        for m in (m1, m2):
+            m.zero_grad()
+            m(x).pow(2).sum().backward()
+        compiled()
+        o2.step()
+        for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    m1.weight.grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in m1.parameters()]
+    with pytest.raises(NonFiniteGradientError):
+        compiled()
+    assert all(torch.equal(a, b) for a, b in zip(before, m1.parameters(), strict=True))

@@ -29,6 +29,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ class CountSketchAdam(Optimizer):
 
     Args:
         params: iterable of parameters or named parameters, or of param-group dicts.
-        lr: learning rate.
+        lr: learning rate (float, or a 1-element tensor read once per step: this baseline is eager).
         betas: Adam's ``(beta1, beta2)``.
         eps: added to the square root of the second moment.
         weight_decay: L2 penalty added to the gradient (``torch.optim.Adam``'s convention).
@@ -59,7 +60,7 @@ class CountSketchAdam(Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -69,8 +70,12 @@ class CountSketchAdam(Optimizer):
         seed: int = 0,
         maximize: bool = False,
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"CountSketchAdam: lr must be >= 0, got {lr}")
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError(f"CountSketchAdam: Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, Tensor)):
+            raise TypeError(f"CountSketchAdam: lr must be a float or a 1-element tensor, got {lr!r}")
+        if not float(lr) >= 0.0:
+            raise ValueError(f"CountSketchAdam: lr must be >= 0, got {float(lr)}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"CountSketchAdam: betas must be in [0, 1), got {betas}")
         if not eps >= 0.0:
@@ -100,6 +105,26 @@ class CountSketchAdam(Optimizer):
         state = super().__getstate__()
         state.pop("_hash_cache", None)  # derived from the seed; not worth pickling
         return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, with every loaded state tensor the optimizer's own.
+
+        torch keeps a given tensor whose dtype and device already fit (always the ``step``), so two
+        optimizers loaded from one state dict would share their sketches and count each other's steps.
+        The copies are made first among the load-state-dict post-hooks, so what a hook writes stays.
+        """
+
+        def own_state(_: Optimizer) -> None:
+            for state in self.state.values():
+                for key, value in state.items():
+                    if isinstance(value, Tensor):
+                        state[key] = value.clone()
+
+        handle = self.register_load_state_dict_post_hook(own_state, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
 
     @staticmethod
     def buckets(rows: int, sketch_ratio: float) -> int:
@@ -148,6 +173,8 @@ class CountSketchAdam(Optimizer):
             state["exp_avg_sq" + suffix] = torch.zeros(shape, dtype=acc_dtype, device=p.device)
         state["step"].add_(1)
         step = float(state["step"])
+        if p.numel() == 0:  # zero-size parameters (shape (0, 5)) step like torch's optimizers: nothing moves
+            return
         rows: Tensor | None = None
         if grad.is_sparse:
             if not sketched or grad.sparse_dim() != 1:
@@ -182,7 +209,7 @@ class CountSketchAdam(Optimizer):
         bias_correction1 = 1.0 - beta1**step
         bias_correction2 = 1.0 - beta2**step
         denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
-        w.addcdiv_(m, denom, value=-group["lr"] / bias_correction1)
+        w.addcdiv_(m, denom, value=-float(group["lr"]) / bias_correction1)
         if rows is not None:
             p.index_copy_(0, rows, w.to(p.dtype))
         elif w is not p:

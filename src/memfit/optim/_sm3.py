@@ -485,7 +485,10 @@ class SM3(Optimizer):
                 continue
             group = groups_of[id(p)]
             for key, value in saved.items():
-                if key == "step" or not isinstance(value, Tensor) or not value.is_floating_point():
+                if not isinstance(value, Tensor) or not value.is_floating_point():
+                    continue
+                if key == "step":  # torch keeps the given tensor: two loads would count each other's steps
+                    self.state[p][key] = self.state[p][key].clone()
                     continue
                 if key == "momentum_buffer":
                     dtype = group["momentum_dtype"] or p.dtype
