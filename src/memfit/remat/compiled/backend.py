@@ -136,6 +136,8 @@ class MemfitBackend:
         self._held: dict[
             int, int
         ] = {}  # bytes the forward returns to the caller (the loss), held in the backward
+        # each joint graph's frontier, for the refining compile (choose.partition)
+        self._frontiers: dict[str, choose._Frontier] = {}
 
     def __repr__(self) -> str:
         return f"memfit.remat.backend(budget={self.budget!r}, compiler={self.compiler!r})"
@@ -230,6 +232,7 @@ class MemfitBackend:
             scale=self._scale,
             rates=self.rates,
             fused=self._fused,
+            memo=self._frontiers,
         )
         return self._done(plan, fw_gm, bw_gm, t0, int(kwargs["num_fwd_outputs"]))
 

@@ -10,6 +10,7 @@ it predicts.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
@@ -119,6 +120,29 @@ def _tag(model: _Model, recompute: set[fx.Node]) -> None:
         n.meta.pop("ac_graph_id", None)  # one region: no boundary saves between checkpoint regions
 
 
+# A frontier as a memo keeps it: (predicted peak, recompute cost, names of the recomputed nodes) per point.
+_Frontier = list[tuple[int, float, frozenset[str]]]
+
+
+def _fingerprint(model: _Model, num_fwd_outputs: int) -> str:
+    """A hash of what the frontier is computed from: every node of the joint graph (its op, arguments and value's
+    shape, dtype and strides), the model's bytes and costs (which hold the rates), and the fusion model. Two
+    partitions of graphs with equal fingerprints get equal frontiers (torch's knapsack and memfit's passes are
+    deterministic)."""
+    h = hashlib.sha256(f"{num_fwd_outputs} {model.fused}\n".encode())
+    for n in model.nodes:
+        val = n.meta.get("val")
+        sig = (
+            (tuple(val.shape), val.dtype, val.stride())
+            if isinstance(val, torch.Tensor)
+            else type(val).__name__
+        )
+        h.update(
+            f"{n.format_node()} {sig} {model.bytes[n]} {model.cost.get(n)!r} {n.meta.get('recompute')}\n".encode()
+        )
+    return h.hexdigest()
+
+
 def partition(
     gm: fx.GraphModule,
     joint_inputs: Sequence[object],
@@ -129,6 +153,7 @@ def partition(
     scale: float,
     rates: Rates | None,
     fused: bool,
+    memo: dict[str, _Frontier] | None = None,
 ) -> tuple[CompiledPlan, fx.GraphModule, fx.GraphModule]:
     """The partition step of one compile: memfit's choice of saved values for ``budget``, carried out by torch.
 
@@ -141,6 +166,8 @@ def partition(
         scale: the model's aim as a fraction of the budget (below 1 on a refining compile).
         rates: the device speeds that price recomputation; ``None`` calibrates them for the graph's device.
         fused: model inductor's fusion (``False``: every value materialized, as with ``aot_eager``).
+        memo: frontiers already computed, by :func:`_fingerprint` of their joint graph (a backend keeps one: its
+            refining compile partitions the same joint graph again, and the frontier does not depend on the budget).
 
     Returns:
         ``(plan, forward graph, backward graph)``; the plan's ``solve_seconds`` is left to the caller.
@@ -163,9 +190,17 @@ def partition(
     target = int(budget * scale)  # the model's aim: lower than the budget on a refining compile
     start = _default_recompute(model)
     # torch's own choices are candidates too: its default partition (computed above) and its knapsack's
-    torch_sets = [_recomputed_by(model, ref_fw, num_fwd_outputs)]
-    torch_sets += _torch_choices(model, gm, graph, joint_inputs, min_cut, kwargs)
-    frontier = _frontier(model, start, torch_sets)
+    key = _fingerprint(model, num_fwd_outputs)
+    known = None if memo is None else memo.get(key)
+    if known is None:
+        torch_sets = [_recomputed_by(model, ref_fw, num_fwd_outputs)]
+        torch_sets += _torch_choices(model, gm, graph, joint_inputs, min_cut, kwargs)
+        frontier = _frontier(model, start, torch_sets)
+        if memo is not None:
+            memo[key] = [(peak, cost, frozenset(n.name for n in r)) for peak, cost, r in frontier]
+    else:  # the same joint graph as an earlier compile (the refining one): its frontier, by node names
+        by_name = {n.name: n for n in model.nodes}
+        frontier = [(peak, cost, {by_name[name] for name in names}) for peak, cost, names in known]
     # the cheapest point whose predicted peak fits (the frontier's peaks rise as its costs fall, so the choice
     # is monotone in the budget); where the partitioned graphs exceed the target after all, the next lower
     # points, and at last the lowest
