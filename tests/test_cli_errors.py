@@ -18,8 +18,8 @@ def _one_line_error(capsys, argv, *expected, code=2):
     """``main(argv)`` exits with ``code``, writes exactly one line to stderr holding every ``expected`` text."""
     assert main(argv) == code
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
     assert "Traceback" not in err
     for text in expected:
         assert text in lines[0], (text, lines[0])
@@ -118,13 +118,16 @@ def test_plan_errors_without_traceback(capsys):
 
 def test_python_dash_m_memfit_bad_input_in_a_subprocess(tmp_path):
     """The real entry point: exit status 2, one line, no traceback (``python -m memfit`` runs at all)."""
-    bad = tmp_path / "bad.toml"
-    bad.write_text('steps = "ten"\n')
-    for argv in (["train", "--config", str(bad)], ["demo", "--steps", "0"]):
+    bad = tmp_path / "a_file"
+    bad.write_text("not a directory")
+    # found inside train(), with the progress bar on: still one line
+    for argv in (["train", "--out", str(bad)], ["demo", "--steps", "0"]):
         proc = subprocess.run(
             [sys.executable, "-m", "memfit", *argv], capture_output=True, text=True, timeout=300, cwd=tmp_path
         )
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.count("\n") == 1 and proc.stderr.endswith("\n"), (
+            proc.stderr
+        )  # not even a blank line
     assert not (tmp_path / "runs").exists()

@@ -151,11 +151,29 @@ def run(args: argparse.Namespace) -> int:
             return _error(
                 f"--optimizer-args must be a JSON object, e.g. '{{\"momentum\": 0.9}}', got {args.optimizer_args}"
             )
+
+    class _LazyProgress(Progress):
+        """Shown from the first task on: an error found before training prints its one line and nothing else."""
+
+        shown = False
+
+        def add_task(self, *a: Any, **kw: Any) -> Any:
+            self.shown = True
+            self.start()
+            return super().add_task(*a, **kw)
+
+        def stop(self) -> None:
+            if self.shown:  # Progress.stop() prints a blank line on a non-terminal, started or not
+                super().stop()
+
     console = Console(stderr=True)
+    progress = _LazyProgress(console=console, disable=args.quiet)
     try:
         cfg = load_config(args.config, resume=args.resume, **overrides)
-        with Progress(console=console, disable=args.quiet) as progress:
+        try:
             result = train(cfg, resume=args.resume, progress=progress, say=console.print)
+        finally:
+            progress.stop()
     except ConfigError as exc:
         return _error(str(exc))
     except (FloatingPointError, CheckpointError) as exc:
