@@ -90,7 +90,7 @@ def test_hf_config_file_plans_the_models_own_loss(tmp_path, capsys):
         (["--model", "torch.nn:Linear", "--batch", "8"], "needs --loss package.module:fn"),
         (["--model", "torch.nn:Linear", "--batch", "8", "--input-shape", "16"], "raised TypeError"),
         (
-            _user()[1:3] + ["--loss", "plan_user_model:loss", "--batch", "8"],
+            [*_user()[1:3], "--loss", "plan_user_model:loss", "--batch", "8"],
             "--batch is package.module:make_batch",
         ),
         (
@@ -109,7 +109,7 @@ def test_hf_config_file_plans_the_models_own_loss(tmp_path, capsys):
                 "plan_user_model:make_batch",
             ],
             "raised RuntimeError: no weights here",
-        ),  # fmt: skip
+        ),
         (
             [
                 "--model",
@@ -120,7 +120,7 @@ def test_hf_config_file_plans_the_models_own_loss(tmp_path, capsys):
                 "plan_user_model:bad_batch",
             ],
             "leaf 1 is a str",
-        ),  # fmt: skip
+        ),
         (
             [
                 "--model",
@@ -131,7 +131,7 @@ def test_hf_config_file_plans_the_models_own_loss(tmp_path, capsys):
                 "plan_user_model:raising_batch",
             ],
             "raised OSError: dataset not found",
-        ),  # fmt: skip
+        ),
         (
             [
                 "--model",
@@ -142,7 +142,7 @@ def test_hf_config_file_plans_the_models_own_loss(tmp_path, capsys):
                 "plan_user_model:make_batch",
             ],
             "must return a scalar tensor, got shape (2, 16)",
-        ),  # fmt: skip
+        ),
         (
             ["--model", "hf:no_such_model_type", "--batch", "2x8"],
             "hf:no_such_model_type: cannot make a config",

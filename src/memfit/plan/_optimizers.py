@@ -166,7 +166,10 @@ def trace_update(env: Env, name: str, model: nn.Module, *, grad_scaler: bool = F
             if scaler is None:
                 opt.step()
             else:
-                scaler.step(opt)
+                # what scaler.step(opt) does when no gradient overflowed (the stand-in .item() of the trace
+                # cannot say "no inf": it answers 1): unscale, check, step; then the scale update
+                scaler.unscale_(opt)
+                opt.step()
                 scaler.update()
 
         try:

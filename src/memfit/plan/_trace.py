@@ -20,6 +20,7 @@ Two dispatch modes help:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -94,17 +95,21 @@ class _Cost(TorchDispatchMode):
                 moved += t.numel() * t.element_size()
                 dtype = dtype or t.dtype
         flops = _flops(func, args, kwargs, out)
-        rate = self.flops_by_dtype.get(dtype, r.flops_per_s) if flops and dtype is not None else r.flops_per_s
+        rate = r.flops_per_s
+        if flops and dtype is not None and getattr(func, "overloadpacket", None) in _MATMULS:
+            rate = self.flops_by_dtype.get(dtype, rate)
         self.seconds += flops / rate + moved / r.bytes_per_s + r.op_overhead_s
         return out
 
 
 _MATMUL_RATES: dict[str, dict[torch.dtype, float]] = {}
+# the ops whose half-precision rate matmul_rates measures (convolutions go through other kernels: fp32 rate)
+_MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
 
 
 def matmul_rates(device: torch.device, fp32_rate: float) -> dict[torch.dtype, float]:
     """FLOP rates of float32, bfloat16 and float16 matmuls on ``device``: ``fp32_rate`` scaled by each dtype's
-    time on a (1024, 256) x (256, 1024) product against float32's (measured once per process). CPUs without
+    time on a (256, 256) x (256, 256) product against float32's (measured once per process). CPUs without
     bf16/fp16 matrix units run them tens of times slower than float32: an autocast step's time hinges on it."""
     key = str(device)
     if key in _MATMUL_RATES:
@@ -127,9 +132,8 @@ def matmul_rates(device: torch.device, fp32_rate: float) -> dict[torch.dtype, fl
     secs: dict[torch.dtype, float] = {}
     with torch.random.fork_rng(devices=[]):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            a = torch.randn(1024, 256, device=device).to(dtype)
-            b = torch.randn(256, 1024, device=device).to(dtype)
-            secs[dtype] = best(lambda a=a, b=b: a @ b)
+            a = torch.randn(256, 256, device=device).to(dtype)
+            secs[dtype] = best(functools.partial(torch.mm, a, a))
     rates = {d: fp32_rate * secs[torch.float32] / secs[d] for d in secs}
     _MATMUL_RATES[key] = rates
     return rates
