@@ -66,7 +66,15 @@ def main() -> None:
         default=None,
         help="budget's stage_nodes option (gap study; 0: no annealing)",
     )
+    ap.add_argument(
+        "--exact-gap",
+        action="store_true",
+        help="only budget (with and without its exact search) against the exact optimum on graphs of 12-30 nodes",
+    )
     args = ap.parse_args()
+    if args.exact_gap:
+        exact_gap_study(seeds=2 if args.quick else 4)
+        return
     if args.gap:
         gap_study(
             args.milp_time, reuse=args.reuse_milp, exact_nodes=args.exact_nodes, stage_nodes=args.stage_nodes
@@ -224,6 +232,82 @@ def gap_study(
     }
     path.write_text(json.dumps(out, indent=1))
     console.print(f"wrote {path}")
+
+
+def exact_gap_study(seeds: int = 4) -> None:
+    """budget against the exact optimum (method="exact", optimal over all schedules) on random training steps
+    of 12-30 needed nodes, 20% of forward nodes non-recomputable, at budgets 0, 0.15, 0.4, 0.75 of the way from
+    the least peak to the no-remat peak; also budget with exact_nodes=0 (its heuristics alone)."""
+    import statistics
+
+    from memfit.remat.core.errors import SearchLimit
+    from memfit.remat.core.solvers.exact import exact_min_peak
+
+    rows: list[dict] = []
+    graphs_seen = answered = 0
+    for n in range(4, 13):
+        for seed in range(seeds):
+            g = graphs.training_step(n, seed=seed, nonrecomputable_prob=0.2)
+            size = len(g.needed())
+            if not 12 <= size <= 30:
+                continue
+            graphs_seen += 1
+            t0 = time.perf_counter()
+            try:
+                lo, _ = exact_min_peak(g, time_limit=60)
+            except SearchLimit:
+                rows.append({"n": n, "seed": seed, "nodes": size, "exact": "limit"})
+                print(f"n={n} seed={seed} ({size} nodes): exact min peak past its limits")
+                continue
+            answered += 1
+            t_min = time.perf_counter() - t0
+            nr = solve(g, method="noremat").peak
+            for at in (0.0, 0.15, 0.4, 0.75):
+                budget = int(lo + at * (nr - lo))
+                row: dict = {"n": n, "seed": seed, "nodes": size, "at": at, "budget": budget, "min_peak": lo}
+                row["min_peak_time_s"] = t_min
+                try:
+                    t0 = time.perf_counter()
+                    row["exact"] = solve(g, budget, method="exact", time_limit=60).cost
+                    row["exact_time_s"] = time.perf_counter() - t0
+                except SearchLimit:
+                    row["exact"] = "limit"
+                for name, opts in (("budget", {}), ("heuristics", {"exact_nodes": 0})):
+                    r = run_one(g, budget, "budget", **opts)
+                    row[name] = r.get("cost") if r["ok"] else None
+                    row[f"{name}_time_s"] = r["time_s"]
+                rows.append(row)
+            print(f"n={n} seed={seed} ({size} nodes): done", flush=True)
+    table = Table(title=f"budget / exact optimum, {answered} of {graphs_seen} graphs answered by exact")
+    for col in ("solver", "budgets", "median", "worst", "within 10%", "infeasible", "median time (s)"):
+        table.add_column(col)
+    summary: dict = {"graphs": graphs_seen, "answered": answered}
+    for name in ("budget", "heuristics"):
+        ok = [r for r in rows if isinstance(r.get("exact"), float)]
+        ratios = [r[name] / r["exact"] for r in ok if r[name] is not None and r["exact"] > 0]
+        miss = sum(1 for r in ok if r[name] is None)
+        times = [r[f"{name}_time_s"] for r in ok]
+        summary[name] = {
+            "budgets": len(ok),
+            "median": statistics.median(ratios),
+            "worst": max(ratios),
+            "within_10pct": sum(x <= 1.10 for x in ratios),
+            "infeasible": miss,
+            "median_time_s": statistics.median(times),
+        }
+        table.add_row(
+            name if name == "budget" else "budget, exact_nodes=0",
+            str(len(ok)),
+            f"{statistics.median(ratios):.4f}",
+            f"{max(ratios):.4f}",
+            str(summary[name]["within_10pct"]),
+            str(miss),
+            f"{statistics.median(times):.2f}",
+        )
+    Console().print(table)
+    out = Path(__file__).parent / "results" / "remat_solvers_exact_gap.json"
+    out.write_text(json.dumps({"summary": summary, "rows": rows, "machine": platform.machine()}, indent=1))
+    print(f"wrote {out}")
 
 
 def _torch_version() -> str:

@@ -84,7 +84,7 @@ def _solve_min(g: Graph, method: str, options: dict[str, Any]) -> Schedule:
     if method == "budget":
         from memfit.remat.core.solvers.budget import min_peak_budget
 
-        mp = min_peak_budget(g)
+        mp = min_peak_budget(g, keep_sets=options.get("keep_sets"))
         return solve(g, mp, method="budget", **options)
     try:
         return solve(g, lower_bound(g), method=method, **options)  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ over budget. Cost: on random training steps of <= 40 nodes, every case within 10
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from memfit.remat.core.errors import InfeasibleBudget
 from memfit.remat.core.graph import Graph
@@ -84,6 +84,7 @@ def solve_budget(
     milp_time: float = 1.0,
     stage_nodes: int = 40,
     stage_evals: int = 12000,
+    keep_sets: Mapping[str, Iterable[int]] | None = None,
 ) -> Schedule:
     """Least-cost schedule within ``budget`` bytes (heuristic; see the module docstring).
 
@@ -103,6 +104,10 @@ def solve_budget(
         milp_time: the MILP's time box in seconds.
         stage_nodes: on graphs of at most this many nodes, also anneal over Checkmate's keep-sets
             (a second or two at 40 nodes); 0 turns it off.
+        keep_sets: named sets of forward values to checkpoint (:func:`.checkpoint.keep_sequence`), offered as
+            candidates and to the least-peak search -- e.g. every block's input, which makes per-block
+            checkpointing one of the schedules this solver weighs (``memfit.remat.compile`` passes it when the
+            capture names the blocks).
         stage_evals: the annealing's cost-lowering moves (``evals`` of
             :func:`._improve.stage_search`); its own window of ``time_limit`` seconds is a safety
             net: the moves, not the clock, decide its result.
@@ -163,6 +168,8 @@ def solve_budget(
     if structured and (best is None or len(g) <= 300):
         for name, seq in _structured_candidates(g, budget, deadline):
             offer(name, seq)
+    for name, seq in _keep_candidates(g, keep_sets):
+        offer(name, seq)
     # randomised restarts of the eviction run: cheap on small graphs, and they find schedules at
     # budgets where the deterministic scores get stuck
     restarts = restarts if restarts is not None else (64 if len(g) <= 60 else 8 if len(g) <= 400 else 0)
@@ -196,7 +203,11 @@ def solve_budget(
             offer("exact", ans[1])
     if best is None:
         mp, found = _min_peak_search(
-            g, deadline=time.perf_counter() + time_limit, stage_nodes=stage_nodes, exact_nodes=exact_nodes
+            g,
+            deadline=time.perf_counter() + time_limit,
+            stage_nodes=stage_nodes,
+            exact_nodes=exact_nodes,
+            keep_sets=keep_sets,
         )
         if mp > budget:
             raise InfeasibleBudget(budget=budget, min_peak=mp, method="budget")
@@ -209,6 +220,15 @@ def solve_budget(
     s = to_schedule(g, seq, method="budget", budget=budget)
     s.info.update(candidate=name, solve_time_s=time.perf_counter() - t0)
     return s
+
+
+def _keep_candidates(g: Graph, keep_sets: Mapping[str, Iterable[int]] | None) -> list[tuple[str, list[int]]]:
+    """The compute sequences of checkpointing each named keep-set (see ``keep_sets`` of :func:`solve_budget`)."""
+    if not keep_sets:
+        return []
+    from memfit.remat.core.solvers.checkpoint import keep_sequence
+
+    return [(f"keep({name})", keep_sequence(g, keep)) for name, keep in keep_sets.items()]
 
 
 def _stage_sequence(g: Graph, budget: int, evals: int, deadline: float) -> list[int] | None:
@@ -297,7 +317,13 @@ def _local_search(
 
 
 def min_peak_budget(
-    g: Graph, *, iters: int = 40, deadline: float = float("inf"), stage_nodes: int = 40, exact_nodes: int = 32
+    g: Graph,
+    *,
+    iters: int = 40,
+    deadline: float = float("inf"),
+    stage_nodes: int = 40,
+    exact_nodes: int = 32,
+    keep_sets: Mapping[str, Iterable[int]] | None = None,
 ) -> int:
     """The smallest budget at which this solver finds a schedule: on graphs of at most ``exact_nodes`` needed
     nodes the least peak over all schedules (:func:`.exact.exact_min_peak`, when it answers within 3 s or the
@@ -316,6 +342,7 @@ def _min_peak_search(
     deadline: float = float("inf"),
     stage_nodes: int = 40,
     exact_nodes: int = 32,
+    keep_sets: Mapping[str, Iterable[int]] | None = None,
 ) -> tuple[int, list[int]]:
     """:func:`min_peak_budget` and a compute sequence that reaches it; the pair is cached on the graph, and
     :func:`solve_budget` offers that sequence at any budget it fits, so a reported least peak is always met."""
@@ -336,7 +363,7 @@ def _min_peak_search(
     best_seq = noremat_order(g)
     hi = seq_peak(g, best_seq)
     lo = lower_bound(g) - 1  # infeasible for sure below the lower bound
-    for _name, seq in _structured_candidates(g, hi, deadline):
+    for _name, seq in [*_structured_candidates(g, hi, deadline), *_keep_candidates(g, keep_sets)]:
         if seq_peak(g, seq) < hi:
             hi, best_seq = seq_peak(g, seq), seq
     if stage_nodes and len(g) <= stage_nodes:

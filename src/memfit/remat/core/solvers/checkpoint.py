@@ -16,6 +16,7 @@ chain that is every layer, on a residual ladder every block boundary.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from memfit.remat.core.errors import InfeasibleBudget
 from memfit.remat.core.graph import Graph
@@ -23,7 +24,7 @@ from memfit.remat.core.schedule import Schedule
 from memfit.remat.core.solvers._common import compute_once, noremat_order, to_schedule
 from memfit.remat.core.solvers._improve import drop_useless, seq_cost, seq_peak
 
-__all__ = ["checkpoint_sequence", "checkpoint_sequences", "solve_checkpoint"]
+__all__ = ["checkpoint_sequence", "checkpoint_sequences", "keep_sequence", "solve_checkpoint"]
 
 
 def _forward_and_candidates(g: Graph) -> tuple[list[int], list[int]]:
@@ -69,8 +70,21 @@ def checkpoint_sequence(g: Graph, every: int) -> list[int]:
     """Compute sequence keeping every ``every``-th candidate as a checkpoint (Chen et al. 2016)."""
     if every < 1:
         raise ValueError(f"checkpoint every must be >= 1, got {every}")
-    fwd, cands = _forward_and_candidates(g)
-    keep = set(cands[every - 1 :: every])
+    _fwd, cands = _forward_and_candidates(g)
+    return keep_sequence(g, cands[every - 1 :: every])
+
+
+def keep_sequence(g: Graph, keep: Iterable[int]) -> list[int]:
+    """Compute sequence of checkpointing with the forward values ``keep`` as checkpoints: the forward pass keeps
+    them and drops every other forward value after its last forward read; the backward recomputes a dropped
+    value from the nearest resident ones when it needs it, and keeps the recomputed copy until its last read.
+
+    With ``keep`` = the input of every block this is per-block checkpointing (``torch.utils.checkpoint`` around
+    each block, or HF's ``gradient_checkpointing_enable``), which holds each block's internals only while that
+    block's backward runs.
+    """
+    fwd, _cands = _forward_and_candidates(g)
+    keep = set(keep)
     fset = set(fwd)
     main = noremat_order(g)
     step = {v: t for t, v in enumerate(main)}
