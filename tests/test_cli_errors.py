@@ -87,6 +87,9 @@ def test_train_infeasible_remat_budget_names_the_smallest_reachable_one(tmp_path
     smallest = float(line.split("smallest reachable budget is ")[1].split()[0])
     assert 0.01 < smallest <= 1.0
     assert not (tmp_path / "o" / "config.toml").exists()  # a run that did not start records nothing
+    suggested = line.split("use a remat_budget in [")[1].split(",")[0]
+    assert float(suggested) >= smallest
+    assert main(["train", *TINY, "--remat-budget", suggested, "--out", str(tmp_path / "o")]) == 0  # reachable
 
 
 def test_demo_option_errors(tmp_path, capsys):

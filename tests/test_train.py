@@ -300,3 +300,24 @@ def test_example_config_loads_and_docs_cover_every_option():
     for f in dataclasses.fields(TrainConfig):
         assert f"`{f.name}`" in docs, f.name
         assert f.name in helps and ("default" in helps[f.name] or f.name == "optimizer_args"), f.name
+
+
+@pytest.mark.slow
+def test_resumed_remat_run_checkpoints_the_uninterrupted_runs_rng_state(tmp_path, monkeypatch):
+    """End to end for the RNG fix: a remat run stopped at step 2 and resumed (in a fresh process the first compile
+    calibrates the device again) checkpoints at step 4 the RNG state and losses of a run never stopped."""
+    import torch
+
+    calibration = "memfit.remat.eager.capture._RATES"
+    monkeypatch.setattr(calibration, {})
+    ref = train(_cfg(tmp_path, "full", steps=4, remat_budget=1.0), say=lambda _m: None)["losses"]
+    monkeypatch.setattr(calibration, {})
+    train(_cfg(tmp_path, "cut", steps=2, remat_budget=1.0), say=lambda _m: None)
+    monkeypatch.setattr(calibration, {})
+    got = train(_cfg(tmp_path, "cut", steps=4, remat_budget=1.0), resume=True, say=lambda _m: None)["losses"]
+    assert got == ref
+
+    def rng(name):
+        return torch.load(tmp_path / name / "checkpoint-00000004.pt", weights_only=False)["rng"]
+
+    assert torch.equal(rng("cut"), rng("full"))
