@@ -61,6 +61,7 @@ def add_parser(sub: Any) -> None:
         "--lr",
         type=float,
         default=None,
+        metavar="X",
         help="peak learning rate, >= 0 (default by optimizer: "
         + ", ".join(f"{k} {default_lr(k):g}" for k in OPTIMIZERS)
         + ")",
@@ -75,31 +76,43 @@ def add_parser(sub: Any) -> None:
         "--warmup-steps",
         type=int,
         default=None,
+        metavar="N",
         help=f"quadratic learning-rate warm-up, steps; 0: none (default {default('warmup_steps')})",
     )
     p.add_argument(
         "--remat-budget",
         type=float,
         default=None,
+        metavar="X",
         help="recompute activations to fit this fraction in (0, 1] of the step's memory beyond parameters, "
         "buffers and batch (default: no remat)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=None, help=f"sequences per step (default {default('batch_size')})"
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"sequences per step (default {default('batch_size')})",
     )
     p.add_argument(
         "--seq-len",
         type=int,
         default=None,
+        metavar="N",
         help=f"bytes per sequence, at most the model's block size (default {default('seq_len')})",
     )
     p.add_argument(
-        "--steps", type=int, default=None, help=f"optimizer steps in all (default {default('steps')})"
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"optimizer steps in all (default {default('steps')})",
     )
     p.add_argument(
         "--seed",
         type=int,
         default=None,
+        metavar="N",
         help=f"seed of weights and batches, 0-9999 (default {default('seed')})",
     )
     p.add_argument("--out", default=None, metavar="DIR", help=f"output directory (default {default('out')})")
@@ -107,19 +120,24 @@ def add_parser(sub: Any) -> None:
         "--checkpoint-every",
         type=int,
         default=None,
+        metavar="N",
         help=f"steps between checkpoints (default {default('checkpoint_every')})",
     )
-    p.add_argument("--keep", type=int, default=None, help=f"checkpoints kept (default {default('keep')})")
+    p.add_argument(
+        "--keep", type=int, default=None, metavar="N", help=f"checkpoints kept (default {default('keep')})"
+    )
     p.add_argument(
         "--eval-every",
         type=int,
         default=None,
+        metavar="N",
         help=f"steps between validation losses; 0: only at the end (default {default('eval_every')})",
     )
     p.add_argument(
         "--eval-batches",
         type=int,
         default=None,
+        metavar="N",
         help=f"validation batches per evaluation (default {default('eval_batches')})",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
