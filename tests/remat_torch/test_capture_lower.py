@@ -339,3 +339,49 @@ def test_multi_output_ops_run_once_per_call_and_the_cost_counts_the_calls(frac, 
         out = gm(*_args(model, cap, batch))
     for a, b in zip(out, reference, strict=True):
         assert torch.equal(a, b)
+
+
+class _Tied(torch.nn.Module):
+    """A tied embedding/head (one parameter, two names), a bias registered twice and used under one name only (as
+    BERT's ``cls.predictions.bias``), and a branch that HF-style code takes only outside ``torch.compile``: a
+    data-dependent shortcut on the mask that no trace can follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 8)
+        self.head = torch.nn.Linear(8, 20)
+        self.head.weight = self.embed.weight
+        self.decoder_bias = torch.nn.Parameter(torch.randn(20))
+        self.head.bias = self.decoder_bias  # a second name for it, used through head only
+
+    def forward(self, ids, mask):
+        h = self.embed(ids)
+        if torch.compiler.is_compiling() or not bool(mask.all()):  # HF's masking_utils shape of test
+            h = h * mask.unsqueeze(-1)
+        return self.head(h)
+
+
+def test_tied_parameters_get_one_input_and_the_summed_gradient_and_hf_style_branches_trace():
+    torch.manual_seed(0)
+    model = _Tied()
+    ids = torch.randint(0, 20, (3, 5))
+    mask = torch.ones(3, 5)
+    mask[1, 3:] = 0
+
+    def loss_fn(m, b):
+        return torch.nn.functional.cross_entropy(m(*b).flatten(0, 1), b[0].flatten())
+
+    cap = capture(model, loss_fn, (ids, mask))
+    assert len(cap.param_names) == len(list(model.parameters())) == 2  # one input per tensor
+    assert len(cap.placeholder_ids) == 2 + 2
+    out = _run(model, cap, solve(cap.graph, None, method="noremat"), (ids, mask))
+    ref = copy.deepcopy(model)
+    loss_fn(ref, (ids, mask)).backward()
+    for name, i in cap.grad_outputs.items():  # embedding + head uses of the tied weight, summed
+        torch.testing.assert_close(out[i], ref.get_parameter(name.removeprefix("model.")).grad)
+    step_model = copy.deepcopy(model)
+    import memfit.remat
+
+    memfit.remat.compile(step_model, loss_fn, (ids, mask))((ids, mask))
+    assert step_model.head.weight.grad is step_model.embed.weight.grad  # every name sees the gradient
+    torch.testing.assert_close(step_model.head.bias.grad, ref.decoder_bias.grad)
