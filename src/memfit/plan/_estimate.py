@@ -19,9 +19,10 @@ How each figure is obtained (see ``docs/plan.md``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -162,12 +163,9 @@ def estimate(
     )
     if env.rates is None and timing:
         est.notes.append(f"no step times: this machine cannot calibrate {dev}")
-    plans = _remat_plans(work, precision, remat, fb, resident + batch_bytes, method, est.notes, say)
-    if autocast is not None and plans:
-        est.notes.append(
-            "remat under autocast: overhead from the float32 graph's schedule; peak = budget x the autocast step's "
-            "memory beyond inputs"
-        )
+    plans = _remat_plans(
+        work, precision, autocast, dev, remat, fb, resident + batch_bytes, method, est.notes, say
+    )
 
     for name in optimizers:
         say(f"optimizer {name}")
@@ -185,9 +183,6 @@ def estimate(
                 overhead, ratio = 1.0, 1.0
             else:
                 noninput, grads, overhead = plans[r]
-                if autocast is not None:
-                    noninput = int(r * (fb.total_peak_bytes - resident - batch_bytes))
-                    grads = 0
                 bd = {
                     "parameters": resident,
                     "gradients": grads,
@@ -312,9 +307,30 @@ def _cast_batch(batch: Any, precision: str) -> Any:
     )
 
 
+@contextlib.contextmanager
+def _capture_in(env: Env) -> Iterator[None]:
+    """:func:`memfit.remat.capture` makes its fake batch in ``env``'s fake mode, the mode of the fake parameters.
+
+    ``capture`` takes a fresh mode from ``memfit._compat.fake_tensor_mode``; parameters faked by another mode
+    cannot meet its batch. Capturing fake parameters on the planned device (not ``meta``) is what lets the trace
+    take the device's kernels (``F.cross_entropy``'s ``nll_loss`` has no autograd on ``meta``; SDPA's fused
+    kernel) and its autocast. A ``fake_mode=`` argument of ``capture`` would make this swap unnecessary.
+    """
+    from memfit import _compat
+
+    made = _compat.fake_tensor_mode
+    _compat.fake_tensor_mode = lambda: env.mode
+    try:
+        yield
+    finally:
+        _compat.fake_tensor_mode = made
+
+
 def _remat_plans(
     work: Workload,
     precision: str,
+    autocast: torch.dtype | None,
+    dev: torch.device,
     remat: Sequence[float | None],
     fb: MemoryReport,
     inputs_resident: int,
@@ -329,22 +345,32 @@ def _remat_plans(
     from memfit import remat as _remat
 
     say("capturing the step for remat (fake tensors)")
-    cast = "bf16" if precision == "bf16" else "fp32"
-    net = _cast(work.build(), cast)
-    net.train()
-    batch = _cast_batch(work.make_batch(work.batch_size), cast)
+    env = Env(dev)
+    net = _cast(work.build(), precision)
+    batch = env.batch(_cast_batch(work.make_batch(work.batch_size), precision))
     sliced = work.gpt is not None and work.gpt.n_layer > _REMAT_LAYERS
     if sliced:
         assert work.gpt is not None
         with torch.device("meta"):
-            net = _cast(GPT(dataclasses.replace(work.gpt, n_layer=_REMAT_LAYERS)), cast)
-        net.train()
+            net = _cast(GPT(dataclasses.replace(work.gpt, n_layer=_REMAT_LAYERS)), precision)
+    net.train()
+    net = env.module(net)
+    loss_fn = work.loss_fn
+    if autocast is not None:
+
+        def loss_fn(model: nn.Module, b: Any) -> torch.Tensor:
+            with torch.autocast(dev.type, dtype=autocast):
+                return work.loss_fn(model, b)
+
+    if sliced:
+        assert work.gpt is not None
         notes.append(
             f"remat rows: scheduled on a {_REMAT_LAYERS}-block slice of the {work.gpt.n_layer}-block model; "
             "overhead from the slice, peak = budget x the full model's no-remat memory beyond inputs, feasible "
             "above the slice's least memory + one block input per further block"
         )
-    captured = _remat.capture(net, work.loss_fn, batch)  # type: ignore[operator]  # lazy export
+    with _capture_in(env):
+        captured = _remat.capture(net, loss_fn, batch)  # type: ignore[operator]  # lazy export
     graph = captured.graph
     inputs = captured.input_bytes
     base = _remat.solve(graph, None, method="noremat").simulate()

@@ -108,9 +108,10 @@ _MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.o
 
 
 def matmul_rates(device: torch.device, fp32_rate: float) -> dict[torch.dtype, float]:
-    """FLOP rates of float32, bfloat16 and float16 matmuls on ``device``: ``fp32_rate`` scaled by each dtype's
-    time on a (256, 256) x (256, 256) product against float32's (measured once per process). CPUs without
-    bf16/fp16 matrix units run them tens of times slower than float32: an autocast step's time hinges on it."""
+    """FLOP rates of matmuls by dtype on ``device``: float32 at ``fp32_rate`` (:func:`memfit.remat.calibrate`'s),
+    bfloat16 and float16 measured on a (512, 128) x (128, 512) product (best of 2, once per process). CPUs
+    without bf16/fp16 matrix units run them 30-300 times slower than float32 (0.1-0.3 GFLOP/s on the machine
+    this was written on): an autocast step's time hinges on it."""
     key = str(device)
     if key in _MATMUL_RATES:
         return _MATMUL_RATES[key]
@@ -119,7 +120,7 @@ def matmul_rates(device: torch.device, fp32_rate: float) -> dict[torch.dtype, fl
     def best(fn: Callable[[], object]) -> float:
         fn()
         times = []
-        for _ in range(3):
+        for _ in range(2):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
@@ -129,12 +130,12 @@ def matmul_rates(device: torch.device, fp32_rate: float) -> dict[torch.dtype, fl
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    secs: dict[torch.dtype, float] = {}
+    rates = {torch.float32: fp32_rate}
     with torch.random.fork_rng(devices=[]):
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            a = torch.randn(256, 256, device=device).to(dtype)
-            secs[dtype] = best(functools.partial(torch.mm, a, a))
-    rates = {d: fp32_rate * secs[torch.float32] / secs[d] for d in secs}
+        for dtype in (torch.bfloat16, torch.float16):
+            a = torch.randn(512, 128, device=device).to(dtype)
+            b = torch.randn(128, 512, device=device).to(dtype)
+            rates[dtype] = 2 * 512 * 128 * 512 / best(functools.partial(torch.mm, a, b))
     _MATMUL_RATES[key] = rates
     return rates
 
