@@ -115,12 +115,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         with Progress(*columns, console=console, disable=args.quiet, transient=False) as progress:
             report = run_demo(cfg, progress=progress)
-    except (FloatingPointError, InfeasibleBudget) as exc:
+        out = Path(args.out)
+        json_path = write_report(report, out / "report.json")
+        png_path = plot_report(report, out / "demo.png")
+    except (FloatingPointError, InfeasibleBudget, OSError) as exc:  # OSError: a full disk, no permission, ...
         print(f"memfit demo: {exc}", file=sys.stderr)
         return 1
-    out = Path(args.out)
-    json_path = write_report(report, out / "report.json")
-    png_path = plot_report(report, out / "demo.png")
     wide.print(make_table(report))
     console.print(f"wrote [bold]{json_path}[/] and [bold]{png_path}[/]")
     return 0

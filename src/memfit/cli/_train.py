@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             progress.stop()
     except ConfigError as exc:
         return _error(str(exc))
-    except (FloatingPointError, CheckpointError) as exc:
+    except (FloatingPointError, CheckpointError, OSError) as exc:  # OSError: a full disk, no permission, ...
         print(f"memfit train: {exc}", file=sys.stderr)
         return 1
     if result["stopped"]:
