@@ -87,6 +87,13 @@ def optimizers(include_ports: bool = True) -> dict[str, Callable[[list[Tensor]],
         "SM3 mom 0.9 (fused)": lambda ps: SM3(ps, lr=lr, momentum=0.9),
         "SM3 mom 0.9 bf16 (fused)": lambda ps: SM3(ps, lr=lr, momentum=0.9, momentum_dtype=torch.bfloat16),
         "SM3 mom 0.9 (foreach)": lambda ps: SM3(ps, lr=lr, momentum=0.9, foreach=True),
+        # The default nonfinite="raise" checks max |g| once per step; "propagate" checks nothing.
+        "SM3 mom 0 (fused, nonfinite=propagate)": lambda ps: SM3(
+            ps, lr=lr, momentum=0.0, nonfinite="propagate"
+        ),
+        "SM3 mom 0.9 (fused, nonfinite=propagate)": lambda ps: SM3(
+            ps, lr=lr, momentum=0.9, nonfinite="propagate"
+        ),
         "CountSketchAdam": lambda ps: CountSketchAdam(ps, lr=lr),
     }
     if include_ports:
@@ -104,13 +111,21 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def run(shapes: list[tuple[int, ...]], repeats: int, include_ports: bool = True) -> dict[str, Any]:
-    """Time each optimizer's step on ``shapes``; returns raw numbers (seconds, bytes) per optimizer."""
+def run(
+    shapes: list[tuple[int, ...]], repeats: int, include_ports: bool = True, only: str | None = None
+) -> dict[str, Any]:
+    """Time each optimizer's step on ``shapes``; returns raw numbers (seconds, bytes) per optimizer.
+
+    ``only``: keep the baseline and the optimizers whose name contains this string.
+    """
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen).mul_(0.02).requires_grad_() for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     factories = optimizers(include_ports)
+    if only:
+        base = next(iter(factories))
+        factories = {k: v for k, v in factories.items() if k == base or only in k}
     opts = {name: make(params) for name, make in factories.items()}
     for opt in progress(opts.values(), description="warm-up (state, kernels)", transient=True):
         opt.step()  # allocate state, compile kernels
@@ -180,13 +195,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15, quick 5)")
     parser.add_argument("--no-ports", action="store_true", help="skip the public SM3 ports")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--only", default=None, help="keep the baseline and the rows whose name contains this"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = gpt2_shapes(n_layer=2, vocab=8192, n_ctx=256) if args.quick else gpt2_shapes()
     repeats = args.repeats or (5 if args.quick else 15)
-    result = run(shapes, repeats, include_ports=not args.no_ports)
+    result = run(shapes, repeats, include_ports=not args.no_ports, only=args.only)
     result.update(
         {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
-from memfit.optim._sm3_math import SM3Hyper, accumulator_dtype, dense_update
+from memfit.optim._sm3_math import SM3Batch, SM3Hyper, accumulator_dtype, dense_update
 
 __all__ = ["accumulator_placements", "is_dtensor", "new_sm3_state", "sm3_dtensor"]
 
@@ -153,29 +153,22 @@ def _local(t: Tensor, p: DTensor) -> Tensor:
     )
 
 
-def sm3_dtensor(
-    params: list[Tensor],
-    grads: list[Tensor],
-    accumulators: list[list[Tensor]],
-    momentum_buffers: list[Tensor | None],
-    hp: SM3Hyper,
-) -> None:
+def sm3_dtensor(batch: SM3Batch, hp: SM3Hyper) -> None:
     """One SM3 step on DTensor parameters, in place on their local shards (same equations as ``sm3``).
 
     The update is :func:`memfit.optim._sm3_math.dense_update` on the local shards; only the per-axis maxima
     are completed across ranks (:func:`_max_reduce`).
 
     Args:
-        params: DTensor parameters (placements ``Shard`` / ``Replicate``).
-        grads: their gradients (DTensors; redistributed to the parameter's placements if they differ).
-        accumulators: per parameter, its DTensor accumulators (see :func:`new_sm3_state`).
-        momentum_buffers: per parameter, a DTensor momentum buffer or ``None``.
+        batch: DTensor parameters (placements ``Shard`` / ``Replicate``), their gradients (DTensors,
+            redistributed to the parameter's placements if they differ), their DTensor accumulators (see
+            :func:`new_sm3_state`) and momentum buffers.
         hp: the step's hyperparameters.
 
     Raises:
         ValueError: a sparse gradient, a plain-tensor gradient, or an unsupported placement.
     """
-    for p, grad, accs, buf in zip(params, grads, accumulators, momentum_buffers, strict=True):
+    for p, grad, accs, buf in batch.rows():
         assert isinstance(p, DTensor)
         if grad.is_sparse:
             raise ValueError(

@@ -20,8 +20,8 @@ from memfit.optim._nonfinite import (
     nonfinite_groups,
     offenders,
 )
-from memfit.optim._sm3_kernels import sm3
-from memfit.optim._sm3_math import SM3Hyper, Variant, accumulator_dtype
+from memfit.optim._sm3_kernels import run
+from memfit.optim._sm3_math import SM3Batch, SM3Hyper, Variant, accumulator_dtype
 
 __all__ = ["SM3", "SM3SetupError"]
 
@@ -287,15 +287,9 @@ class SM3(Optimizer):
             return [state["accumulator"]]
         return [state[f"accumulator_{k}"] for k in range(p.dim())]
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        accumulators: list[list[Tensor]],
-        momentum_buffers: list[Tensor | None],
-        steps: list[Tensor],
-    ) -> None:
+    def _init_group(self, group: dict[str, Any], batch: SM3Batch, steps: list[Tensor]) -> None:
+        """Fill ``batch`` and ``steps`` with the group's parameters that have gradients, their state (allocated
+        lazily) and their step counters. Appends to lists it is given (what torch.compile traces best)."""
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -313,10 +307,10 @@ class SM3(Optimizer):
                         p, dtype=dtype, memory_format=torch.preserve_format
                     )
                 buf = state["momentum_buffer"]
-            params.append(p)
-            grads.append(p.grad)
-            accumulators.append(self._accumulators(p, state))
-            momentum_buffers.append(buf)
+            batch.params.append(p)
+            batch.grads.append(p.grad)
+            batch.accumulators.append(self._accumulators(p, state))
+            batch.momentum_buffers.append(buf)
             steps.append(state["step"])
 
     def _warn_sparse(self, group: dict[str, Any]) -> None:
@@ -392,13 +386,9 @@ class SM3(Optimizer):
         for index, group in enumerate(self.param_groups):
             if index in skip:
                 continue
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            accumulators: list[list[Tensor]] = []
-            momentum_buffers: list[Tensor | None] = []
-            steps: list[Tensor] = []
-            self._init_group(group, params, grads, accumulators, momentum_buffers, steps)
-            if not params:
+            batch, steps = SM3Batch([], [], [], []), cast(list[Tensor], [])
+            self._init_group(group, batch, steps)
+            if not len(batch.params):
                 continue
             if torch.compiler.is_compiling():
                 for s in steps:
@@ -406,27 +396,16 @@ class SM3(Optimizer):
             else:
                 torch._foreach_add_(steps, 1.0)
             hp = SM3Hyper.from_group(group)
-            sharded = [i for i, p in enumerate(params) if _is_dtensor(p)]
+            sharded = [i for i, p in enumerate(batch.params) if _is_dtensor(p)]
             if sharded:
                 from memfit.distributed._dtensor import sm3_dtensor
 
-                sm3_dtensor(
-                    [params[i] for i in sharded], [grads[i] for i in sharded],
-                    [accumulators[i] for i in sharded], [momentum_buffers[i] for i in sharded], hp,
-                )  # fmt: skip
-                keep = sorted(set(range(len(params))) - set(sharded))
-                params, grads = [params[i] for i in keep], [grads[i] for i in keep]
-                accumulators = [accumulators[i] for i in keep]
-                momentum_buffers = [momentum_buffers[i] for i in keep]
-                if not params:
+                sm3_dtensor(batch.select(sharded), hp)
+                batch = batch.select(sorted(set(range(len(batch.params))) - set(sharded)))
+                if not len(batch.params):
                     continue
-            fused = self._use_fused(group, params)
-            foreach = not fused and group["foreach"] is not False
-            sm3(
-                params, grads, accumulators, momentum_buffers, lr=hp.lr, momentum=hp.momentum,
-                beta2=hp.beta2, eps=hp.eps, variant=hp.variant, weight_decay=hp.weight_decay,
-                maximize=hp.maximize, foreach=foreach, fused=fused,
-            )  # fmt: skip
+            fused = self._use_fused(group, batch.params)
+            run(batch, hp, foreach=not fused and group["foreach"] is not False, fused=fused)
         return loss
 
     # ------------------------------------------------------------- checkpoints

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from memfit import _compat
-from memfit.optim._sm3_math import SM3Hyper
+from memfit.optim._sm3_math import SM3Batch, SM3Hyper
 
 __all__ = ["fused_supported", "sm3_fused"]
 
@@ -244,13 +244,7 @@ def _coefficients(hp: SM3Hyper) -> Tensor:
     return torch.tensor([*coefficients, -1.0 if hp.maximize else 1.0], dtype=torch.float32)
 
 
-def sm3_fused(
-    params: list[Tensor],
-    grads: list[Tensor],
-    accumulators: list[list[Tensor]],
-    momentum_buffers: list[Tensor | None],
-    hp: SM3Hyper,
-) -> list[int]:
+def sm3_fused(batch: SM3Batch, hp: SM3Hyper) -> list[int]:
     """One SM3 step of every tensor the kernel takes (:func:`_eligible`).
 
     Returns:
@@ -259,12 +253,12 @@ def sm3_fused(
     """
     kernel = _kernel()
     if kernel is None:
-        return list(range(len(params)))
+        return list(range(len(batch.params)))
     rest: list[int] = []
     coefficients = _coefficients(hp)
     nt = max(torch.get_num_threads(), 1)
     scratch: dict[int, Tensor] = {}
-    for i, (p, g, accs, buf) in enumerate(zip(params, grads, accumulators, momentum_buffers, strict=True)):
+    for i, (p, g, accs, buf) in enumerate(batch.rows()):
         if not _eligible(p, g, buf):
             rest.append(i)
             continue

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from memfit.optim._sm3_fused import sm3_fused
 from memfit.optim._sm3_math import (
+    SM3Batch,
     SM3Hyper,
     Variant,
     accumulator_dtype,
@@ -32,7 +33,7 @@ from memfit.optim._sm3_math import (
     second_moment,
 )
 
-__all__ = ["Variant", "accumulator_dtype", "sm3"]
+__all__ = ["Variant", "accumulator_dtype", "run", "sm3"]
 
 
 def _sm3_sparse(param: Tensor, grad: Tensor, accumulators: list[Tensor], hp: SM3Hyper) -> None:
@@ -78,53 +79,39 @@ def _sm3_sparse(param: Tensor, grad: Tensor, accumulators: list[Tensor], hp: SM3
     param.index_copy_(0, rows, w_rows.to(param.dtype))
 
 
-def _sm3_single_tensor(
-    params: list[Tensor],
-    grads: list[Tensor],
-    accumulators: list[list[Tensor]],
-    momentum_buffers: list[Tensor | None],
-    hp: SM3Hyper,
-) -> None:
-    for param, grad, accs, buf in zip(params, grads, accumulators, momentum_buffers, strict=True):
+def _sm3_single_tensor(batch: SM3Batch, hp: SM3Hyper) -> None:
+    for param, grad, accs, buf in batch.rows():
         if grad.is_sparse:
             _sm3_sparse(param, grad, accs, hp)
         else:
             dense_update(param, grad, accs, buf, hp)
 
 
-def _sm3_multi_tensor(
-    params: list[Tensor],
-    grads: list[Tensor],
-    accumulators: list[list[Tensor]],
-    momentum_buffers: list[Tensor | None],
-    hp: SM3Hyper,
-) -> None:
+def _sm3_multi_tensor(batch: SM3Batch, hp: SM3Hyper) -> None:
     """Same arithmetic as :func:`_sm3_single_tensor`, with the elementwise tail batched by ``torch._foreach``.
 
     The reductions (one ``amax`` per axis) are per tensor by nature; the momentum average and the parameter
     update, which touch every element of every tensor, are batched per (device, dtype) group.
     """
-    sparse = [i for i, g in enumerate(grads) if g.is_sparse]
-    for i in sparse:
-        _sm3_sparse(params[i], grads[i], accumulators[i], hp)
     groups: dict[tuple[torch.device, torch.dtype, torch.dtype | None], list[int]] = {}
-    for i, g in enumerate(grads):
-        if not g.is_sparse:
-            buf = momentum_buffers[i]
-            key = (params[i].device, params[i].dtype, None if buf is None else buf.dtype)
+    for i, (param, grad, accs, buf) in enumerate(batch.rows()):
+        if grad.is_sparse:
+            _sm3_sparse(param, grad, accs, hp)
+        else:
+            key = (param.device, param.dtype, None if buf is None else buf.dtype)
             groups.setdefault(key, []).append(i)
     lr, wd = hp.lr, hp.weight_decay
     for idx in groups.values():
-        ps = [params[i] for i in idx]
+        group = batch.select(idx)
+        ps = group.params
         us: list[Tensor] = []
-        for i in idx:
-            accs = accumulators[i]
-            g = dense_grad(grads[i], accs[0].dtype, hp.maximize)
+        for _, grad, accs, _ in group.rows():
+            g = dense_grad(grad, accs[0].dtype, hp.maximize)
             nu, new_accs = second_moment(g, accs, variant=hp.variant, beta2=hp.beta2)
             for old, new in zip(accs, new_accs, strict=True):
                 old.copy_(new)
             us.append(direction(g, nu, hp.eps))
-        ms = [b for b in (momentum_buffers[i] for i in idx) if b is not None]
+        ms = [b for b in group.momentum_buffers if b is not None]
         if ms and ms[0].dtype == us[0].dtype:
             torch._foreach_mul_(ms, hp.momentum)
             torch._foreach_add_(ms, us, alpha=1.0 - hp.momentum)
@@ -181,15 +168,20 @@ def sm3(
         fused: one compiled pass per parameter (:mod:`memfit.optim._sm3_fused`) where it applies; the
             other tensors (sparse, rank >= 3, not float32) take the ``foreach`` path.
     """
-    hp = SM3Hyper(lr, momentum, beta2, eps, variant, weight_decay, maximize)
-    run_foreach = list(range(len(params)))
+    run(
+        SM3Batch(params, grads, accumulators, momentum_buffers),
+        SM3Hyper(lr, momentum, beta2, eps, variant, weight_decay, maximize),
+        foreach=foreach,
+        fused=fused,
+    )
+
+
+def run(batch: SM3Batch, hp: SM3Hyper, *, foreach: bool, fused: bool) -> None:
+    """:func:`sm3` on a batch: the fused kernel where it applies, then foreach or the for-loop."""
     if fused:
-        run_foreach = sm3_fused(params, grads, accumulators, momentum_buffers, hp)
+        batch = batch.select(sm3_fused(batch, hp))  # what the kernel did not take runs foreach
     elif not foreach:
-        _sm3_single_tensor(params, grads, accumulators, momentum_buffers, hp)
+        _sm3_single_tensor(batch, hp)
         return
-    if run_foreach:
-        _sm3_multi_tensor(
-            [params[i] for i in run_foreach], [grads[i] for i in run_foreach],
-            [accumulators[i] for i in run_foreach], [momentum_buffers[i] for i in run_foreach], hp,
-        )  # fmt: skip
+    if len(batch.params):
+        _sm3_multi_tensor(batch, hp)

@@ -26,9 +26,9 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,6 +41,7 @@ CompleteMaxima = Callable[[list[Tensor]], list[Tensor]]
 
 __all__ = [
     "CompleteMaxima",
+    "SM3Batch",
     "SM3Hyper",
     "Variant",
     "accumulator_dtype",
@@ -83,6 +84,38 @@ class SM3Hyper:
     def from_group(cls, group: Mapping[str, Any]) -> SM3Hyper:
         """The hyperparameters held by an SM3 param group."""
         return cls(**{k: group[k] for k in _HYPER_KEYS})
+
+
+class SM3Batch(NamedTuple):
+    """The tensors of one step, index-aligned: what every SM3 kernel (for-loop, foreach, fused, DTensor) takes.
+
+    A ``NamedTuple`` (not a dataclass) so that ``torch.compile(opt.step)`` traces its construction.
+
+    Attributes:
+        params: parameters to update (or DTensor parameters).
+        grads: their gradients (dense, or sparse COO with ``sparse_dim() == 1``); never modified.
+        accumulators: per parameter, ``rank`` broadcastable accumulators (one full one for rank <= 1).
+        momentum_buffers: per parameter, the momentum buffer or ``None`` (``momentum == 0``, sparse).
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    accumulators: list[list[Tensor]]
+    momentum_buffers: list[Tensor | None]
+
+    def rows(self) -> Iterator[tuple[Tensor, Tensor, list[Tensor], Tensor | None]]:
+        """``(param, grad, accumulators, momentum_buffer)`` per parameter."""
+        return zip(self.params, self.grads, self.accumulators, self.momentum_buffers, strict=True)
+
+    def select(self, indices: Iterable[int]) -> SM3Batch:
+        """The sub-batch of the tensors at ``indices``, in that order."""
+        idx = list(indices)
+        return SM3Batch(
+            [self.params[i] for i in idx],
+            [self.grads[i] for i in idx],
+            [self.accumulators[i] for i in idx],
+            [self.momentum_buffers[i] for i in idx],
+        )
 
 
 def accumulator_dtype(param_dtype: torch.dtype) -> torch.dtype:
