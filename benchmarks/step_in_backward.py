@@ -22,6 +22,7 @@ one thread).
     python benchmarks/step_in_backward.py            # the run quoted in README / docs/step_in_backward.md
     python benchmarks/step_in_backward.py --quick    # GPT 2x128, batch 4x64: a smoke run
     python benchmarks/step_in_backward.py --clip     # the cost of each clipping mode (GPT 4x256, batch 8x128, Adam)
+    python benchmarks/step_in_backward.py --plans    # the remat solver's view: peaks and least memory, both ways
 
 ``--clip`` compares, with Adam and against ``clip_grad_norm_`` in the ordinary loop: ``step_in_backward`` without
 clipping, ``clip_mode="two_pass"`` through ``handle.backward(loss)`` (autograd only: the graph is retained for the
@@ -46,17 +47,26 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-CONFIGS = [
-    (opt, backward, mode)
-    for opt in ("adam", "sm3")
-    for backward in ("autograd", "remat0.5")
-    for mode in ("ordinary", "in_backward")
-]
+
+
+def configs(budget: float) -> list[tuple[str, str, str]]:
+    return [
+        (opt, backward, mode)
+        for opt in ("adam", "sm3")
+        for backward in ("autograd", f"remat{budget:g}")
+        for mode in ("ordinary", "in_backward")
+    ]
+
+
 MIB = 2.0**20
 
 
 def _name(opt: str, backward: str, mode: str) -> str:
     return f"{opt}/{backward}/{mode}"
+
+
+BATCH = os.environ.get("SIB_BATCH", "8x256")  # --batch, passed to the workers
+BUDGET = float(os.environ.get("SIB_BUDGET", "0.5"))  # --budget
 
 
 def build(quick: bool) -> tuple[Any, Any, Any]:
@@ -67,7 +77,8 @@ def build(quick: bool) -> tuple[Any, Any, Any]:
         shape = (4, 64)
     else:
         cfg = GPTConfig(n_layer=6, n_head=8, n_embd=512, vocab_size=8192, block_size=256)
-        shape = (8, 256)
+        b, t = (int(v) for v in BATCH.split("x"))
+        shape = (b, t)
     g = torch.Generator().manual_seed(0)
     batch = (
         torch.randint(0, cfg.vocab_size, shape, generator=g),
@@ -95,13 +106,13 @@ def make_steps(quick: bool) -> tuple[dict[str, Callable[[], None]], dict[str, An
             if opt_name == "adam"
             else SM3(model.parameters(), lr=1e-2)
         )
-        remat = memfit.remat.compile(model, lm_loss, batch, budget=0.5)
-        facts[_name(opt_name, "remat0.5", "ordinary")] = {"plan": remat.plan.to_dict()}
+        remat = memfit.remat.compile(model, lm_loss, batch, budget=BUDGET)
+        facts[_name(opt_name, f"remat{BUDGET:g}", "ordinary")] = {"plan": remat.plan.to_dict()}
         handle = step_in_backward(opt)
         remat.prepare(batch)  # the schedule with the gradients consumed inside it
-        facts[_name(opt_name, "remat0.5", "in_backward")] = {"plan": remat.plan.to_dict()}
+        facts[_name(opt_name, f"remat{BUDGET:g}", "in_backward")] = {"plan": remat.plan.to_dict()}
         handle.remove()
-        for backward in ("autograd", "remat0.5"):
+        for backward in ("autograd", f"remat{BUDGET:g}"):
             for mode in ("ordinary", "in_backward"):
 
                 def step(
@@ -206,6 +217,43 @@ def make_clip_steps(quick: bool) -> tuple[dict[str, Callable[[], None]], dict[st
     return steps, facts, {"adam": model}
 
 
+def plans(quick: bool) -> dict[str, Any]:
+    """The solver's predictions for the main model, with the gradients held to the end vs consumed in the schedule:
+    the no-remat peak, the least memory any schedule reaches, and the predicted peak and compute at budgets."""
+    import memfit.remat
+    from memfit.models._gpt import GPT
+    from memfit.optim import step_in_backward
+
+    cfg, batch, lm_loss = build(quick)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = memfit.remat.compile(model, lm_loss, batch, budget=None)
+    out: dict[str, Any] = {"grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    for mode in ("ordinary", "in_backward"):
+        handle = step_in_backward(opt) if mode == "in_backward" else None
+        base = step.with_budget(None)
+        base.prepare(batch)
+        noremat = base.plan.peak_bytes
+        try:
+            step.with_budget(1).prepare(batch)
+            least = 1
+        except memfit.remat.InfeasibleBudget as exc:
+            least = exc.min_peak
+        row: dict[str, Any] = {"noremat_peak_bytes": noremat, "least_peak_bytes": least}
+        for b in (0.5, 0.3):
+            try:
+                s = step.with_budget(b)
+                s.prepare(batch)
+                row[f"budget{b}"] = {"peak_bytes": s.plan.peak_bytes, "cost_overhead": s.plan.cost_overhead}
+            except memfit.remat.InfeasibleBudget:
+                row[f"budget{b}"] = None
+        out[mode] = row
+        if handle is not None:
+            handle.remove()
+    return out
+
+
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -284,7 +332,7 @@ def report(results: dict[str, Any]) -> list[str]:
         f"{'time (median ratio)':>20}",
     ]
     checks = []
-    for opt, backward, mode in CONFIGS:
+    for opt, backward, mode in configs(results.get("budget", 0.5)):
         name, base = _name(opt, backward, mode), _name(opt, backward, "ordinary")
         m, b = mem[name], mem[base]
         ratios = [c / c0 for c, c0 in zip(tim["cpu_s"][name], tim["cpu_s"][base], strict=True)]
@@ -331,6 +379,10 @@ def report_clip(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _tag(args: Any) -> str:
+    return ("_quick" if args.quick else "") + ("" if args.batch == "8x256" else f"_{args.batch}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -338,15 +390,46 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="GPT 2x128, batch 4x64: a smoke run")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; 2 with --quick)")
     parser.add_argument("--clip", action="store_true", help="the cost of each clipping mode")
+    parser.add_argument("--plans", action="store_true", help="the remat solver's predictions, both ways")
+    parser.add_argument("--batch", default="8x256", help="BxT of the main model (default 8x256)")
+    parser.add_argument("--budget", type=float, default=0.5, help="the remat budget (default 0.5)")
     parser.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help="print the report of a result file")
     args = parser.parse_args()
+    global BATCH, BUDGET
+    BATCH, BUDGET = args.batch, args.budget
+    os.environ["SIB_BATCH"], os.environ["SIB_BUDGET"] = BATCH, str(BUDGET)  # the workers inherit them
     rounds = args.rounds or (2 if args.quick else 3)
     if args.worker == "memory":
         print(json.dumps(worker_memory(args.quick, args.clip)))
         return
     if args.worker == "time":
         print(json.dumps(worker_time(args.quick, rounds, args.clip)))
+        return
+    if args.plans:
+        res = plans(args.quick)
+        g = res["grad_bytes"]
+        for mode in ("ordinary", "in_backward"):
+            r = res[mode]
+            cells = ", ".join(
+                f"{b}: {r[b]['peak_bytes'] / MIB:.1f} MiB at x{r[b]['cost_overhead']:.3f}"
+                if r[b]
+                else f"{b}: infeasible"
+                for b in ("budget0.5", "budget0.3")
+            )
+            print(
+                f"{mode:12} no remat {r['noremat_peak_bytes'] / MIB:.1f} MiB, least {r['least_peak_bytes'] / MIB:.1f} MiB "
+                f"(gradients {g / MIB:.1f} MiB); {cells}"
+            )
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / f"step_in_backward_plans{_tag(args)}.json"
+        out.write_text(
+            json.dumps(
+                {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **res},
+                indent=1,
+            )
+        )
+        print(f"wrote {out}")
         return
     if args.report:
         print("\n".join(report(json.loads(args.report.read_text()))))
@@ -359,6 +442,8 @@ def main() -> None:
         "note": "shared machine: other work ran beside it",
         "quick": args.quick,
         "clip": args.clip,
+        "batch": args.batch,
+        "budget": args.budget,
         "rounds": rounds,
     }
     results["memory"] = _spawn(["--worker", "memory", *flags], {"MALLOC_MMAP_THRESHOLD_": "65536"})
@@ -367,7 +452,7 @@ def main() -> None:
     text = report(results)
     print("\n".join(text))
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"step_in_backward{'_clip' if args.clip else ''}{'_quick' if args.quick else ''}.json"
+    out = RESULTS / f"step_in_backward{'_clip' if args.clip else ''}{_tag(args)}.json"
     out.write_text(json.dumps({**results, "report": text}, indent=1))
     print(f"wrote {out}")
 
