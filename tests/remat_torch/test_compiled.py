@@ -343,6 +343,30 @@ def test_fallback_attempts_partition_anew(monkeypatch):
     assert len(set(attempts)) == len(attempts), attempts  # each attempt a different partition
 
 
+def test_a_plan_predicted_above_torchs_own_partition_is_never_built_or_reported(monkeypatch):
+    """When every frontier point tried partitions into graphs that peak above torch's own partition, torch's is
+    kept (its graphs and its peak), and the smallest peak reported is never above it."""
+    from memfit.remat.compiled import choose
+
+    real = choose._graph_peak
+    calls = []
+
+    def above(fw_gm, bw_gm, num_fwd_outputs, fused):
+        peak, saved_bytes = real(fw_gm, bw_gm, num_fwd_outputs, fused)
+        calls.append(peak)
+        return (
+            peak if len(calls) == 1 else 2 * calls[0]
+        ), saved_bytes  # torch's reference, then all above it
+
+    monkeypatch.setattr(choose, "_graph_peak", above)
+    with pytest.warns(UserWarning, match="below the lowest peak"):
+        plan = _plan_at("mini-gpt", 0.8, RATES)
+    assert len(calls) >= 2
+    assert plan.predicted_peak_bytes == plan.full_peak_bytes == calls[0]
+    assert plan.min_peak_bytes <= plan.full_peak_bytes
+    assert not plan.feasible
+
+
 def test_partitioner_pickles_to_its_id_for_inductors_cache_key():
     """Inductor pickles its config (the partitioner included) into the FX graph cache key: it must pickle, and
     to the same bytes every time, or every compile bypasses the cache."""

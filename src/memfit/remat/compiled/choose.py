@@ -207,12 +207,14 @@ def partition(
     fits = [i for i, point in enumerate(frontier) if point[0] <= target]
     tries = list(range(fits[-1], max(fits[-1] - 3, -1), -1)) if fits else []
     tries += [] if 0 in tries else [0]
+    built: dict[int, int] = {}  # frontier point -> peak of its partitioned graphs
     for attempt, i in enumerate(tries):
         chosen = frontier[i][2]
         gm.graph = graph
         _tag(model, chosen)
         fw_gm, bw_gm = min_cut(gm, joint_inputs, **kwargs)
         peak, saved_bytes = _graph_peak(fw_gm, bw_gm, num_fwd_outputs, fused)
+        built[i] = peak
         log.debug(
             "frontier point %d: model peak %d, partitioned graphs %d (attempt %d)",
             i,
@@ -222,6 +224,13 @@ def partition(
         )
         if peak <= target:
             break
+    if peak > full_peak:  # never build a plan predicted above torch's own partition: keep torch's
+        log.debug(
+            "every point tried peaks above torch's partition (%d > %d): torch's is kept", peak, full_peak
+        )
+        gm.graph = graph
+        chosen = _recomputed_by(model, ref_fw, num_fwd_outputs)
+        fw_gm, bw_gm, peak, saved_bytes = ref_fw, ref_bw, full_peak, full_saved
     # on a refining compile aimed above the budget (memfit's model ran high), inductor's plan judges the fit
     feasible = peak <= max(budget, target)
     if not feasible:
@@ -235,7 +244,9 @@ def partition(
         budget_bytes=budget,
         predicted_peak_bytes=peak,
         full_peak_bytes=full_peak,
-        min_peak_bytes=min(frontier[0][0], peak),
+        # the lowest point's partitioned graphs where they were built (the model's figure for them where not),
+        # and never above torch's own partition
+        min_peak_bytes=min(built.get(0, frontier[0][0]), *built.values(), full_peak),
         saved_bytes=saved_bytes,
         recompute_cost_s=model.recompute_cost(chosen, start),
         recomputed_ops=sum(
