@@ -20,7 +20,6 @@ Two dispatch modes help:
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -109,7 +108,7 @@ _MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.o
 
 def matmul_rates(device: torch.device, fp32_rate: float) -> dict[torch.dtype, float]:
     """FLOP rates of matmuls by dtype on ``device``: float32 at ``fp32_rate`` (:func:`memfit.remat.calibrate`'s),
-    bfloat16 and float16 measured on a (512, 128) x (128, 512) product (best of 2, once per process). CPUs
+    bfloat16 and float16 measured on a linear layer's three products (best of 2, once per process). CPUs
     without bf16/fp16 matrix units run them 30-300 times slower than float32 (0.1-0.3 GFLOP/s on the machine
     this was written on): an autocast step's time hinges on it."""
     key = str(device)
@@ -133,9 +132,18 @@ def matmul_rates(device: torch.device, fp32_rate: float) -> dict[torch.dtype, fl
     rates = {torch.float32: fp32_rate}
     with torch.random.fork_rng(devices=[]):
         for dtype in (torch.bfloat16, torch.float16):
-            a = torch.randn(512, 128, device=device).to(dtype)
-            b = torch.randn(128, 512, device=device).to(dtype)
-            rates[dtype] = 2 * 512 * 128 * 512 / best(functools.partial(torch.mm, a, b))
+            # a linear layer's three products, whose speeds differ by 10x with the operands' layouts here:
+            # forward x @ w.T, input gradient g @ w, weight gradient g.T @ x
+            x = torch.randn(512, 128, device=device).to(dtype)
+            w = torch.randn(256, 128, device=device).to(dtype)
+            g = torch.randn(512, 256, device=device).to(dtype)
+
+            def linear(x: torch.Tensor = x, w: torch.Tensor = w, g: torch.Tensor = g) -> None:
+                torch.mm(x, w.t())
+                torch.mm(g, w)
+                torch.mm(g.t(), x)
+
+            rates[dtype] = 3 * 2 * 512 * 128 * 256 / best(linear)
     _MATMUL_RATES[key] = rates
     return rates
 
