@@ -212,7 +212,7 @@ def _spawn(args: list[str]) -> dict[str, Any]:
 def run(models: list[str], size: str, groups: list[str], steps_n: int, path: Path) -> dict[str, Any]:
     results: dict[str, Any] = json.loads(path.read_text())["models"] if path.exists() else {}
     for name in models:
-        rows: dict[str, Any] = {}
+        rows: dict[str, Any] = dict(results.get(name, {}))  # a run of some groups keeps the others' rows
         for group in groups:
             t0 = time.perf_counter()
             got = _spawn(["--worker", name, size, group, str(steps_n)])
@@ -228,7 +228,8 @@ def run(models: list[str], size: str, groups: list[str], steps_n: int, path: Pat
                 r["time_ratio"] = r["step_seconds"] / eager["step_seconds"]
                 r["eager_same_process"] = eager
                 rows[cfg] = r
-            rows.setdefault("eager", {**eager, "memory_ratio": 1.0, "time_ratio": 1.0})
+            if group == "eager" or "eager" not in rows:
+                rows["eager"] = {**eager, "memory_ratio": 1.0, "time_ratio": 1.0}
         none = rows.get("memfit none", {})
         for cfg in ("memfit 0.5", "memfit min"):
             r = rows.get(cfg, {})
