@@ -80,6 +80,7 @@ def solve_budget(
     restarts: int | None = None,
     exact_nodes: int = 32,
     exact_time: float = 1.0,
+    exact_more: float = 10.0,
     milp_nodes: int = 40,
     milp_time: float = 1.0,
     stage_nodes: int = 40,
@@ -98,7 +99,9 @@ def solve_budget(
         exact_nodes: on graphs of at most this many needed nodes, first run the exact search
             (:mod:`.exact`, optimal over all schedules) for at most ``exact_time`` seconds: when it
             answers, its schedule (or its proof that nothing fits) is the result; 0 turns it off.
-        exact_time: the exact search's time box in seconds.
+        exact_time: the exact search's first time box in seconds.
+        exact_more: its second box, when the heuristics found nothing within the budget (half of it when what
+            they found costs more than 1.1x computing each value once, so may be more than 10% off the optimum).
         milp_nodes: on graphs of at most this many nodes, also run the MILP (Checkmate) for at
             most ``milp_time`` seconds and offer its best schedule; 0 turns it off.
         milp_time: the MILP's time box in seconds.
@@ -196,11 +199,15 @@ def solve_budget(
     cached = g._cache.get("budget:min-peak")
     if cached is not None and cached[0] <= budget:
         offer("min-peak search", list(cached[1]))  # the schedule behind a min_peak this solver reported
-    if best is None and small:
-        # the heuristics found nothing: give the exact search a longer look before saying nothing fits
-        ans = _exact_answer(g, budget, min(time_limit, 3.0))
+    if small and (best is None or best[0] > 1.10 * seq_cost(g, base)):
+        # the heuristics found nothing, or nothing they can vouch for (a schedule within 10% of computing each
+        # value once is within 10% of the optimum): give the exact search a longer look, so that "nothing
+        # fits" is said only where the exact search could not find a schedule either
+        ans = _exact_answer(g, budget, exact_more if best is None else exact_more / 2)
         if ans is not None and ans[1] is not None:
             offer("exact", ans[1])
+        elif ans is not None and best is None:  # proven: nothing fits
+            raise InfeasibleBudget(budget=budget, min_peak=ans[0], method="budget")
     if best is None:
         mp, found = _min_peak_search(
             g,
