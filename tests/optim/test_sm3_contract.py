@@ -139,7 +139,7 @@ def test_propagate_puts_the_nan_in_the_parameters_identically_on_every_path():
         assert torch.equal(mb, expected_2), path
 
 
-def test_propagate_costs_no_check_and_bad_policy_is_refused():
+def test_an_unknown_nonfinite_policy_is_refused():
     with pytest.raises(ValueError, match=r"nonfinite must be one of \('raise', 'skip', 'propagate'\)"):
         SM3(_params(), nonfinite="ignore")
 

@@ -95,7 +95,7 @@ class SM3(Optimizer):
     Non-finite gradients (``nonfinite``): ``"raise"`` (default) raises :class:`NonFiniteGradientError`
     before anything is written; ``"skip"`` leaves the param group's parameters and state (step count
     included) as they were and warns; ``"propagate"`` lets NaN reach the parameters. The same on every
-    path (for-loop, foreach, fused, DTensor). Cost: one ``max |g|`` pass and one host sync per step.
+    path (for-loop, foreach, fused, DTensor). Cost: one sum per gradient and one host sync per step.
 
     Distributed: works as is under DDP and ``ZeroRedundancyOptimizer``; DTensor parameters (FSDP2
     ``fully_shard``) keep DTensor state and take :mod:`memfit.distributed._dtensor`'s sharded step (one
