@@ -107,8 +107,8 @@ _MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.o
 
 
 def matmul_rates(device: torch.device, fp32_rate: float) -> dict[torch.dtype, float]:
-    """FLOP rates of matmuls by dtype on ``device``: float32 at ``fp32_rate`` (:func:`memfit.remat.calibrate`'s),
-    bfloat16 and float16 measured on a linear layer's three products (best of 2, once per process). CPUs
+    """FLOP rates of matmuls by dtype on ``device``, measured on a linear layer's three products (best of 2, once
+    per process; ``fp32_rate``, :func:`memfit.remat.calibrate`'s square-matmul rate, is the fallback). CPUs
     without bf16/fp16 matrix units run them 30-300 times slower than float32 (0.1-0.3 GFLOP/s on the machine
     this was written on): an autocast step's time hinges on it."""
     key = str(device)
@@ -131,7 +131,7 @@ def matmul_rates(device: torch.device, fp32_rate: float) -> dict[torch.dtype, fl
 
     rates = {torch.float32: fp32_rate}
     with torch.random.fork_rng(devices=[]):
-        for dtype in (torch.bfloat16, torch.float16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             # a linear layer's three products, whose speeds differ by 10x with the operands' layouts here:
             # forward x @ w.T, input gradient g @ w, weight gradient g.T @ x
             x = torch.randn(512, 128, device=device).to(dtype)
