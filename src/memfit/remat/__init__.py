@@ -12,7 +12,8 @@ fits the budget::
     sim = s.simulate()                       # peak bytes, cost, computes, memory timeline
 
 Solvers: ``noremat``, ``checkpoint`` (sqrt(n) segments), ``twremat`` (Kumar et al. 2019),
-``milp`` (Checkmate, optimal within its formulation), ``budget`` (default), ``dtr`` (baseline).
+``milp`` (Checkmate: optimal for the given topological order and stage structure), ``exact`` (optimal over all
+schedules, small graphs), ``budget`` (default), ``dtr`` (baseline).
 See ``docs/remat.md``.
 """
 

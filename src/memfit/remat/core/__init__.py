@@ -7,11 +7,11 @@ solvers are pure Python with numpy, scipy (HiGHS) and networkx, and are tested o
 - :mod:`.schedule` -- :class:`Schedule`: ``compute``/``free`` events; ``simulate()`` and ``validate()``.
 - :mod:`.graphs` -- synthetic graphs (chains, training steps, graphs of known treewidth).
 - :mod:`.solve` -- :func:`solve`, one entry point over :mod:`.solvers`.
-- :mod:`.errors` -- :class:`GraphError`, :class:`ScheduleError`, :class:`InfeasibleBudget`.
+- :mod:`.errors` -- :class:`GraphError`, :class:`ScheduleError`, :class:`InfeasibleBudget`, :class:`SearchLimit`.
 """
 
 from memfit.remat.core import graphs
-from memfit.remat.core.errors import GraphError, InfeasibleBudget, ScheduleError
+from memfit.remat.core.errors import GraphError, InfeasibleBudget, ScheduleError, SearchLimit
 from memfit.remat.core.graph import Graph
 from memfit.remat.core.schedule import Schedule, Simulation
 from memfit.remat.core.solve import METHODS, solve
@@ -23,6 +23,7 @@ __all__ = [
     "InfeasibleBudget",
     "Schedule",
     "ScheduleError",
+    "SearchLimit",
     "Simulation",
     "graphs",
     "solve",
