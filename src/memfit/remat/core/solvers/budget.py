@@ -18,15 +18,21 @@ Algorithm (a portfolio, every candidate measured by the same simulator):
    inputs instead of the value, recompute a chain once for several outputs at the end); the
    MILP's own incumbents after a second or two are worse still (HiGHS spends that time on cuts at
    the root node).
-5. On graphs of at most ``exact_nodes`` nodes, the Checkmate MILP (:mod:`.milp`) for at most
-   ``exact_time`` seconds is one more candidate (a time-boxed exact search).
-6. Return the cheapest candidate that fits. If none fits, find the smallest peak the eviction
-   run (bisecting the budget) or, on small graphs, the annealing reaches and raise
-   :class:`InfeasibleBudget` with it.
+0. On graphs of at most ``exact_nodes`` needed nodes, the exact search (:mod:`.exact`, optimal over all
+   schedules) runs first for ``exact_time`` seconds; when it answers, its schedule, or its proof that nothing
+   fits, is the answer.
+5. On graphs of at most ``milp_nodes`` nodes, the Checkmate MILP (:mod:`.milp`) for at most ``milp_time``
+   seconds is one more candidate.
+6. On graphs of at most ``exact_nodes`` needed nodes, when nothing fits or the best candidate costs more than
+   1.1x computing each value once (so may be more than 10% above the optimum), the exact search gets a second,
+   longer box (``exact_more``).
+7. Return the cheapest candidate that fits. If none fits, find the smallest peak the exact search, the eviction
+   run (bisecting the budget) or, on small graphs, the annealing reaches and raise :class:`InfeasibleBudget`
+   with it (remembered on the graph with its schedule, so that solving again at that peak meets it).
 
-Guarantee: the returned schedule is valid and its simulated peak is at most the budget; it is never
-over budget. Cost: on random training steps of <= 40 nodes, every case within 10% of the MILP
-(``benchmarks/results/remat_solvers_gap.json``; docs/remat.md has the measured table).
+Guarantee: the returned schedule is valid and its simulated peak is at most the budget; it is never over
+budget; it is optimal where the exact search answered. Cost against the exact optimum on random training steps
+of 12-30 nodes: ``benchmarks/remat_solvers.py --exact-gap`` (docs/remat.md has the measured table).
 """
 
 from __future__ import annotations
