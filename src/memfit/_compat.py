@@ -197,19 +197,26 @@ def aot_eager_backend(partition_fn: Any) -> Any:
     )
 
 
-def inductor_wrapper_peak(source_code: str, arg_bytes: dict[str, int]) -> int | None:
+def inductor_wrapper_peak(
+    source_code: str, arg_bytes: dict[str, int], fallback_itemsize: int = 4
+) -> int | None:
     """The peak bytes of one call of an inductor-compiled graph, read from its generated Python wrapper.
 
     Inductor's wrapper (``CompiledFxGraph.source_code``, torch/_inductor/codegen/wrapper.py) allocates every buffer
     with ``bufN = empty_strided_<device>((sizes), (strides), dtype)``, hands one to another with
     ``bufM = reinterpret_tensor(bufN, ...); del bufN  # reuse``, and frees with ``del a, b``; the graph's inputs
     (``a, b = args``, then ``args.clear()``) are freed by ``del`` after their last use as well. Replaying those
-    statements gives the buffer plan's peak: inputs still alive plus allocated buffers. Buffers a fallback kernel
-    returns (no ``empty_strided``) are not counted.
+    statements gives the buffer plan's peak: inputs still alive plus allocated buffers. Layout copies (a
+    channels-last copy of a convolution's input or weight) are ``empty_strided`` buffers like any other. Tensors a
+    fallback kernel returns (``bufN = extern_kernels.convolution(...)``, ``bufN = torch.ops.aten.X.default(...)``,
+    and the items ``bufM = bufN[i]`` of a kernel that returns several, as ``convolution_backward`` does) are
+    allocated by the kernel: the wrapper checks each with ``assert_size_stride(bufN, sizes, strides, ...)``, which
+    gives its extent; the dtype is not written there, so they count ``fallback_itemsize`` bytes an element.
 
     Args:
         source_code: the wrapper module's source.
         arg_bytes: bytes of each input by name that occupies memory of its own (others count 0).
+        fallback_itemsize: bytes per element of a fallback kernel's outputs (the graph's float dtype).
 
     Returns:
         The peak in bytes, or ``None`` when the source has no ``call`` function of the expected form (another
@@ -226,6 +233,11 @@ def inductor_wrapper_peak(source_code: str, arg_bytes: dict[str, int]) -> int | 
     indent = len(lines[start]) - len(lines[start].lstrip()) + 4
     alloc = re.compile(r"(\w+) = empty_strided(?:_\w+)?\(\(([^)]*)\), \(([^)]*)\), torch\.(\w+)\)")
     reuse = re.compile(r"(\w+) = (?:reinterpret_tensor\()?(\w+)\b.*; del \2\s+# reuse")
+    fallback = re.compile(r"(\w+) = (?:extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?)\(")
+    item = re.compile(r"(\w+) = (\w+)\[\d+\]$")
+    checked = re.compile(r"assert_size_stride\((\w+), \(([^)]*)\), \(([^)]*)\)")
+    pending: set[str] = set()  # fallback outputs whose extent the next assert_size_stride gives
+    returned: set[str] = set()  # the (tuple) results of fallback kernels
     live: dict[str, int] = {}
     peak = 0
     total = 0
@@ -255,6 +267,31 @@ def inductor_wrapper_peak(source_code: str, arg_bytes: dict[str, int]) -> int | 
         m = reuse.match(s)
         if m:
             live[m.group(1)] = live.pop(m.group(2), 0)
+            continue
+        m = fallback.match(s)
+        if m:
+            live[m.group(1)] = 0
+            pending.add(m.group(1))
+            returned.add(m.group(1))
+            continue
+        m = item.match(s)
+        if m and m.group(2) in returned:
+            live[m.group(1)] = 0
+            pending.add(m.group(1))
+            pending.discard(m.group(2))  # a tuple: its items carry the bytes
+            continue
+        m = checked.match(s)
+        if m and m.group(1) in pending:
+            pending.discard(m.group(1))
+            sizes = [int(x) for x in m.group(2).replace(" ", "").split(",") if x]
+            strides = [int(x) for x in m.group(3).replace(" ", "").split(",") if x]
+            if len(sizes) == len(strides):
+                numel = (
+                    0 if 0 in sizes else 1 + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True))
+                )
+                live[m.group(1)] = numel * fallback_itemsize
+                total += live[m.group(1)]
+                peak = max(peak, total)
             continue
         if s.startswith("del "):
             for name in (n.strip() for n in s[4:].split("#")[0].split(",")):

@@ -406,3 +406,58 @@ def test_addmm_fusion_moves_the_matmul_to_its_add():
     assert fusions == {mms[0]: add} and reads[mms[0]] == []
     assert set(reads[add]) == {*mms[0].all_input_nodes, add.args[1]}
     assert _reads_after_fusion(nodes, fused=False)[1] == {}
+
+
+# the backward of conv-BN-ReLU-conv as CPU inductor (torch 2.13) generated it: fallback convolution_backward calls
+# return tensors that no empty_strided allocates, and assert_size_stride gives their extents
+_INDUCTOR_BACKWARD = """
+    def call(self, args):
+        primals_1, primals_2, primals_6, primals_8, convolution, squeeze_1, relu, unsqueeze_6, tangents_1 = args
+        args.clear()
+        assert_size_stride(tangents_1, (), (), 'input')
+        assert_size_stride(relu, (2, 8, 8, 8), (512, 1, 64, 8), 'input')
+        assert_size_stride(primals_8, (8, 8, 3, 3), (72, 1, 24, 8), 'input')
+        buf0 = torch.ops.aten.convolution_backward.default(reinterpret_tensor(tangents_1, (2, 8, 8, 8), (0, 0, 0, 0), 0), relu, primals_8, [0], (1, 1), (1, 1), (1, 1), False, (0, 0), 1, [True, True, False])
+        del primals_8
+        del tangents_1
+        buf1 = buf0[0]
+        assert_size_stride(buf1, (2, 8, 8, 8), (512, 1, 64, 8), 'torch.ops.aten.convolution_backward.default')
+        buf2 = buf0[1]
+        assert_size_stride(buf2, (8, 8, 3, 3), (72, 1, 24, 8), 'torch.ops.aten.convolution_backward.default')
+        del buf0
+        assert_size_stride(convolution, (2, 8, 8, 8), (512, 1, 64, 8), 'input')
+        assert_size_stride(unsqueeze_6, (1, 8, 1, 1), (8, 1, 1, 1), 'input')
+        assert_size_stride(squeeze_1, (8, ), (1, ), 'input')
+        buf3 = empty_strided_cpu((8, ), (1, ), torch.float32)
+        buf4 = empty_strided_cpu((8, ), (1, ), torch.float32)
+        buf5 = empty_strided_cpu((8, ), (1, ), torch.float32)
+        assert_size_stride(primals_6, (8, ), (1, ), 'input')
+        buf6 = relu; del relu  # reuse
+        assert_size_stride(primals_2, (2, 3, 8, 8), (192, 1, 24, 3), 'input')
+        assert_size_stride(primals_1, (8, 3, 3, 3), (27, 1, 9, 3), 'input')
+        cpp_fused_convolution_backward_native_batch_norm_backward_threshold_backward_0(buf6, buf1, convolution, unsqueeze_6, squeeze_1, primals_6, buf3, buf4, buf5)
+        del buf1
+        del buf4
+        del convolution
+        del primals_6
+        del squeeze_1
+        del unsqueeze_6
+        buf7 = torch.ops.aten.convolution_backward.default(buf6, primals_2, primals_1, [0], (1, 1), (1, 1), (1, 1), False, (0, 0), 1, [False, True, False])
+        del buf6
+        del primals_1
+        del primals_2
+        buf8 = buf7[1]
+        assert_size_stride(buf8, (8, 3, 3, 3), (27, 1, 9, 3), 'torch.ops.aten.convolution_backward.default')
+        return (buf8, None, None, None, None, buf5, buf3, buf2, )
+"""
+
+
+def test_inductor_wrapper_peak_counts_the_outputs_of_fallback_kernels():
+    from memfit import _compat
+
+    args = {"convolution": 4096, "squeeze_1": 32, "relu": 4096, "unsqueeze_6": 32, "tangents_1": 4}
+    inputs = sum(args.values())
+    # tangents_1 freed; convolution_backward returns its input gradient (2x8x8x8 floats) and weight gradient
+    # (8x8x3x3); then three 8-float buffers: the peak, before the fused kernel frees anything
+    expected = inputs - 4 + 2 * 8 * 8 * 8 * 4 + 8 * 8 * 3 * 3 * 4 + 3 * 8 * 4
+    assert _compat.inductor_wrapper_peak(_INDUCTOR_BACKWARD, args) == expected
