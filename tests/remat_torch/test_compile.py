@@ -142,7 +142,14 @@ def test_budget_below_what_the_step_needs_names_the_smallest_feasible_budget():
     with pytest.raises(InfeasibleBudget) as exc:
         memfit.remat.compile(model, xent, batch, budget=10)
     err = exc.value
-    assert err.min_peak > 10 and "min_peak" in str(err)
+    assert err.min_peak > 10 and f"{err.min_peak:,} bytes" in str(err)  # the number, not an attribute's name
+    # one unchained error, in compile's terms: fractions of the non-input no-remat peak, what cannot be reduced
+    assert err.__cause__ is None and err.__suppress_context__
+    assert err.min_peak_bytes == err.min_peak
+    assert err.min_fraction == pytest.approx(err.min_peak / err.reference_bytes)
+    assert "gradients (inside the budget)" in str(err) and 'budget="min"' in str(err)
+    least = memfit.remat.compile(model, xent, batch, budget="min")
+    assert least.plan.peak_bytes <= err.min_peak
     # the smallest feasible budget it names is feasible
     step = memfit.remat.compile(model, xent, batch, budget=err.min_peak)
     assert step.plan.peak_bytes <= err.min_peak
