@@ -53,6 +53,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import fx
 
 from memfit import _compat
@@ -205,7 +206,15 @@ class MemfitBackend:
             for n in gm.graph.nodes
             if n.op == "placeholder"
         }
-        peak = _compat.inductor_wrapper_peak(source, arg_bytes)
+        floats = [
+            v.element_size()
+            for n in gm.graph.nodes
+            if n.op == "placeholder"
+            and isinstance(v := n.meta.get("val"), torch.Tensor)
+            and v.is_floating_point()
+        ]
+        # fallback kernels' outputs: their dtype is not in the wrapper; the graph's float inputs' is the likely one
+        peak = _compat.inductor_wrapper_peak(source, arg_bytes, max(floats, default=4))
         i = len(self.plans) - 1
         if peak is None:
             return out
