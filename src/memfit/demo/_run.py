@@ -82,10 +82,10 @@ class DemoConfig:
     eval_batches: int = 4
     seed: int = 0
     adam_lr: float = 2e-3
-    sm3_lr: float = 0.01
-    sm3_momentum_lr: float = 0.02
-    adafactor_lr: float = 1e-2
-    equal_memory_lr: float = 0.01
+    sm3_lr: float = 0.02
+    sm3_momentum_lr: float = 0.04
+    adafactor_lr: float = 0.04
+    equal_memory_lr: float = 0.005
     remat_budget: float = 0.5
     equal_memory: bool = True
     data: str | None = None
