@@ -274,7 +274,7 @@ def exact_gap_study(seeds: int = 4) -> None:
                     row["exact"] = "limit"
                 for name, opts in (("budget", {}), ("heuristics", {"exact_nodes": 0})):
                     r = run_one(g, budget, "budget", **opts)
-                    row[name] = r.get("cost") if r["ok"] else None
+                    row[f"{name}_cost"] = r.get("cost") if r["ok"] else None
                     row[f"{name}_time_s"] = r["time_s"]
                 rows.append(row)
             print(f"n={n} seed={seed} ({size} nodes): done", flush=True)
@@ -284,8 +284,10 @@ def exact_gap_study(seeds: int = 4) -> None:
     summary: dict = {"graphs": graphs_seen, "answered": answered}
     for name in ("budget", "heuristics"):
         ok = [r for r in rows if isinstance(r.get("exact"), float)]
-        ratios = [r[name] / r["exact"] for r in ok if r[name] is not None and r["exact"] > 0]
-        miss = sum(1 for r in ok if r[name] is None)
+        ratios = [
+            r[f"{name}_cost"] / r["exact"] for r in ok if r[f"{name}_cost"] is not None and r["exact"] > 0
+        ]
+        miss = sum(1 for r in ok if r[f"{name}_cost"] is None)
         times = [r[f"{name}_time_s"] for r in ok]
         summary[name] = {
             "budgets": len(ok),

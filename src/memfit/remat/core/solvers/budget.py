@@ -273,7 +273,9 @@ def _exact_answer(g: Graph, budget: int, time_limit: float) -> tuple[int, list[i
         seq = exact_sequence(g, budget, time_limit=time_limit)
         if seq is not None:
             return 0, seq
-        left = time_limit - (time.perf_counter() - t0)
+        # the least peak is the slow search (it exhausts every state below it): a short box, then the
+        # heuristics' least peak takes over
+        left = min(time_limit - (time.perf_counter() - t0), 2.0)
         mp, mseq = exact_min_peak(g, time_limit=max(left, 0.05))
     except SearchLimit:
         return None
@@ -367,7 +369,7 @@ def _min_peak_search(
         from memfit.remat.core.solvers.exact import exact_min_peak
 
         try:
-            mp, mseq = exact_min_peak(g, time_limit=max(0.05, min(3.0, deadline - time.perf_counter())))
+            mp, mseq = exact_min_peak(g, time_limit=max(0.05, min(2.0, deadline - time.perf_counter())))
         except SearchLimit:
             pass
         else:
