@@ -32,7 +32,7 @@ from memfit.remat.eager.capture import (
     module_tensors,
 )
 from memfit.remat.eager.lower import call_cost, lower
-from memfit.remat.eager.updates import is_consuming, place_updates, sink_gradients
+from memfit.remat.eager.updates import ConsumedGraph, is_consuming, sink_gradients
 
 __all__ = ["RematPlan", "RematStep", "compile"]
 
@@ -209,12 +209,12 @@ class RematStep:
         captured = self._captures[key]
         graph = captured.graph
         updates: dict[int, str] = {}
+        consumed: ConsumedGraph | None = None
         if hooked & set(captured.grad_outputs):
-            graph, updates, update_params = sink_gradients(captured, sorted(hooked))
+            consumed = sink_gradients(captured, sorted(hooked))
+            graph, updates = consumed.graph, consumed.updates
         inputs = graph.input_bytes
-        base = solve(graph, None, method="noremat")
-        if updates:
-            base = place_updates(base, update_params)
+        base = consumed.solve(None, "noremat") if consumed else solve(graph, None, method="noremat")
         base_sim = base.simulate()
         t0 = time.perf_counter()
         if self.budget is None:
@@ -222,15 +222,17 @@ class RematStep:
         else:
             budget_bytes = _budget_bytes(self.budget, base_sim.peak - inputs)
             try:
-                if self.budget == "min":  # the least peak the solver reaches
-                    schedule = solve(graph, "min", method=self.method)
-                    budget_bytes = schedule.simulate().peak - inputs
+                target = (
+                    "min" if self.budget == "min" else inputs + budget_bytes
+                )  # "min": the least peak reached
+                if consumed is not None:
+                    schedule = consumed.solve(target, self.method)
                 else:
-                    schedule = solve(graph, inputs + budget_bytes, method=self.method)
+                    schedule = solve(graph, target, method=self.method)  # type: ignore[arg-type]
+                if self.budget == "min":
+                    budget_bytes = schedule.simulate().peak - inputs
             except InfeasibleBudget as exc:
                 raise _infeasible(exc, captured, graph, base_sim.peak) from None
-            if updates:
-                schedule = place_updates(schedule, update_params)
         solve_seconds = time.perf_counter() - t0
         sim = schedule.simulate()
         gm = lower(captured, schedule, updates)

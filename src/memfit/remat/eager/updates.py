@@ -10,6 +10,9 @@ nothing: they are not called, as before):
 - :func:`sink_gradients` rebuilds the captured :class:`Graph` with the gradient no longer an ``output`` (held to
   the end) but read by a 0-byte, non-recomputable ``update`` node that *is* an output. Every schedule then
   computes the update once, and the gradient is transient: the solvers count it only while it lives.
+- the solvers see the same values renumbered with each update right after its gradient and the last reader of its
+  parameter (several solvers take the id order as the topological order; an update appended at the end would hold
+  every gradient to the end of their baseline); :meth:`ConsumedGraph.solve` maps the schedule back;
 - :func:`place_updates` moves each update of a solved schedule to the earliest point where it is correct: right
   after its gradient is computed, but never before the last op that reads the parameter (the update writes the
   parameter in place; a recomputation that read it afterwards would see the new values). The gradient's free
@@ -22,13 +25,14 @@ The lowering (:mod:`memfit.remat.eager.lower`) turns each update event into a ca
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from memfit.remat.core.graph import Graph
 from memfit.remat.core.schedule import Event, Schedule
 from memfit.remat.eager.capture import CapturedStep
 
-__all__ = ["consumes_gradient", "is_consuming", "place_updates", "sink_gradients"]
+__all__ = ["ConsumedGraph", "consumes_gradient", "is_consuming", "place_updates", "sink_gradients"]
 
 _H = TypeVar("_H", bound=Callable[..., Any])
 _MARK = "_memfit_consumes_gradient"
@@ -49,12 +53,38 @@ def is_consuming(hook: Any) -> bool:
     return bool(getattr(hook, _MARK, False))
 
 
-def sink_gradients(
-    captured: CapturedStep, names: Iterable[str]
-) -> tuple[Graph, dict[int, str], dict[int, int]]:
-    """``captured.graph`` with the gradients of the parameters ``names`` consumed by update nodes.
+@dataclass
+class ConsumedGraph:
+    """A captured step's graph with some gradients consumed by update nodes.
 
-    Node ids of the captured graph are kept; the update nodes are appended after them.
+    Attributes:
+        graph: the captured graph's nodes (same ids) with the update nodes appended: what the lowering runs.
+        updates: update node id -> parameter name.
+        params: update node id -> the parameter's input node id.
+        ordered: the same nodes renumbered so that each update directly follows its gradient and its parameter's
+            last reader: what the solvers see.
+        to_graph: ``ordered`` id -> ``graph`` id.
+    """
+
+    graph: Graph
+    updates: dict[int, str]
+    params: dict[int, int]
+    ordered: Graph
+    to_graph: list[int]
+
+    def solve(self, budget: int | str | None, method: str) -> Schedule:
+        """A schedule of :attr:`graph`: solved on :attr:`ordered`, mapped back, updates placed."""
+        from memfit.remat.core import solve
+
+        s = solve(self.ordered, budget, method=method)  # type: ignore[arg-type]
+        events: list[Event] = [(kind, self.to_graph[v]) for kind, v in s.events]
+        mapped = Schedule(self.graph, events, method=s.method, budget=s.budget)
+        mapped.info = dict(s.info)
+        return place_updates(mapped, self.params)
+
+
+def sink_gradients(captured: CapturedStep, names: Iterable[str]) -> ConsumedGraph:
+    """``captured.graph`` with the gradients of the parameters ``names`` consumed by update nodes.
 
     Args:
         captured: the captured step.
@@ -62,8 +92,7 @@ def sink_gradients(
             names without a gradient output are ignored.
 
     Returns:
-        ``(graph, updates, params)``: the new graph; update node id -> parameter name; update node id -> the
-        parameter's input node id.
+        The :class:`ConsumedGraph`.
     """
     g = captured.graph
     sunk = {n: captured.grad_outputs[n] for n in names if n in captured.grad_outputs}
@@ -98,7 +127,28 @@ def sink_gradients(
         s = new.add(f"update[{name}]", 0, cost=0.0, deps=deps, output=True, recomputable=False)
         updates[s] = name
         params[s] = param_gid[name]
-    return new, updates, params
+    # the solvers' order: each update right after the later of its gradient and the last reader of its parameter
+    last_read: dict[int, int] = {}
+    for v in range(len(g)):
+        for d in g.deps(v):
+            last_read[d] = v
+    after: dict[int, list[int]] = {}
+    for s, p in params.items():
+        after.setdefault(max([*new.deps(s), last_read.get(p, -1)]), []).append(s)
+    order = [v for u in range(len(g)) for v in (u, *after.get(u, ()))]
+    new_id = {v: i for i, v in enumerate(order)}
+    ordered = Graph()
+    for v in order:
+        ordered.add(
+            new.name(v),
+            new.nbytes(v),
+            cost=new.cost(v),
+            deps=[new_id[d] for d in new.deps(v)],
+            input=new.is_input(v),
+            output=new.is_output(v),
+            recomputable=new.is_recomputable(v),
+        )
+    return ConsumedGraph(new, updates, params, ordered, order)
 
 
 def place_updates(schedule: Schedule, params: dict[int, int]) -> Schedule:
