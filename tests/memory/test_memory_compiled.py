@@ -41,9 +41,11 @@ def test_a_compiled_function_stays_compiled_and_is_measured_when_it_runs_aten_op
     assert runs == {"compiled": 1, "runs": 1}
     with track(model) as t:
         f(x).backward()
-    assert runs == {"compiled": 1, "runs": 2}  # compiled in the block (a dispatch mode used to force eager)...
+    # compiled in the block (a dispatch mode used to force eager)...
+    assert runs == {"compiled": 1, "runs": 2}
     f(x).backward()
-    assert runs == {"compiled": 1, "runs": 3}  # ...and after it (it used to stay eager for good)
+    # ...and after it (it used to stay eager for good)
+    assert runs == {"compiled": 1, "runs": 3}
     for p in model.parameters():
         p.grad = None
     with track(model) as eager:
