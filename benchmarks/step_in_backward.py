@@ -7,8 +7,8 @@ float32) trained one step at a time in eight configurations:
 
 "ordinary" is ``backward(); optimizer.step(); zero_grad()``; "in backward" activates ``step_in_backward`` for the
 step (each parameter updated, its gradient freed, as soon as the gradient is final). ``remat 0.5`` is
-``memfit.remat.compile(..., budget=0.5)``: half of that mode's own no-recomputation peak (with the update inside
-the schedule, the gradients are transient, so that peak is lower). Every ratio is against the ordinary loop with
+``memfit.remat.compile(..., budget=0.5)``: half of the ordinary step's no-recomputation peak beyond inputs, and the
+same budget in bytes for the step with the updates inside (a fraction would be of its own, lower, no-remat peak). Every ratio is against the ordinary loop with
 the same optimizer and the same backward, measured in the same run.
 
 Memory, in a process whose glibc returns large blocks to the OS (``MALLOC_MMAP_THRESHOLD_``, as
@@ -65,8 +65,8 @@ def _name(opt: str, backward: str, mode: str) -> str:
     return f"{opt}/{backward}/{mode}"
 
 
-BATCH = os.environ.get("SIB_BATCH", "8x256")  # --batch, passed to the workers
-BUDGET = float(os.environ.get("SIB_BUDGET", "0.5"))  # --budget
+BATCH = "8x256"  # --batch (main process and workers)
+BUDGET = 0.5  # --budget
 
 
 def build(quick: bool) -> tuple[Any, Any, Any]:
@@ -108,9 +108,13 @@ def make_steps(quick: bool) -> tuple[dict[str, Callable[[], None]], dict[str, An
         )
         remat = memfit.remat.compile(model, lm_loss, batch, budget=BUDGET)
         facts[_name(opt_name, f"remat{BUDGET:g}", "ordinary")] = {"plan": remat.plan.to_dict()}
+        # the same budget in bytes: a fraction would be of the in-backward step's own (lower) no-remat peak
+        budget_bytes = remat.plan.budget_bytes
+        assert budget_bytes is not None
+        remat_ib = remat.with_budget(budget_bytes)
         handle = step_in_backward(opt)
-        remat.prepare(batch)  # the schedule with the gradients consumed inside it
-        facts[_name(opt_name, f"remat{BUDGET:g}", "in_backward")] = {"plan": remat.plan.to_dict()}
+        remat_ib.prepare(batch)  # the schedule with the gradients consumed inside it
+        facts[_name(opt_name, f"remat{BUDGET:g}", "in_backward")] = {"plan": remat_ib.plan.to_dict()}
         handle.remove()
         for backward in ("autograd", f"remat{BUDGET:g}"):
             for mode in ("ordinary", "in_backward"):
@@ -118,7 +122,7 @@ def make_steps(quick: bool) -> tuple[dict[str, Callable[[], None]], dict[str, An
                 def step(
                     model: Any = model,
                     opt: Any = opt,
-                    remat: Any = remat,
+                    remat: Any = remat_ib if mode == "in_backward" else remat,
                     backward: str = backward,
                     mode: str = mode,
                 ) -> None:
@@ -398,7 +402,6 @@ def main() -> None:
     args = parser.parse_args()
     global BATCH, BUDGET
     BATCH, BUDGET = args.batch, args.budget
-    os.environ["SIB_BATCH"], os.environ["SIB_BUDGET"] = BATCH, str(BUDGET)  # the workers inherit them
     rounds = args.rounds or (2 if args.quick else 3)
     if args.worker == "memory":
         print(json.dumps(worker_memory(args.quick, args.clip)))
@@ -434,7 +437,11 @@ def main() -> None:
     if args.report:
         print("\n".join(report(json.loads(args.report.read_text()))))
         return
-    flags = (["--quick"] if args.quick else []) + (["--clip"] if args.clip else [])
+    flags = [
+        *(["--quick"] if args.quick else []),
+        *(["--clip"] if args.clip else []),
+        *["--batch", args.batch, "--budget", str(args.budget)],
+    ]
     t0 = time.perf_counter()
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
