@@ -120,6 +120,7 @@ def _bench():
     spec = importlib.util.spec_from_file_location("plan_accuracy", ROOT / "benchmarks" / "plan_accuracy.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["plan_accuracy"] = mod  # its dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
