@@ -86,7 +86,7 @@ def solve_budget(
     restarts: int | None = None,
     exact_nodes: int = 32,
     exact_time: float = 1.0,
-    exact_more: float = 10.0,
+    exact_more: float = 30.0,
     milp_nodes: int = 40,
     milp_time: float = 1.0,
     stage_nodes: int = 40,
@@ -106,8 +106,9 @@ def solve_budget(
             (:mod:`.exact`, optimal over all schedules) for at most ``exact_time`` seconds: when it
             answers, its schedule (or its proof that nothing fits) is the result; 0 turns it off.
         exact_time: the exact search's first time box in seconds.
-        exact_more: its second box, when the heuristics found nothing within the budget (half of it when what
-            they found costs more than 1.1x computing each value once, so may be more than 10% off the optimum).
+        exact_more: its second box, when the heuristics found nothing within the budget (a sixth of it, at most
+            5 s, when what they found costs more than 1.1x computing each value once, so may be more than 10%
+            off the optimum).
         milp_nodes: on graphs of at most this many nodes, also run the MILP (Checkmate) for at
             most ``milp_time`` seconds and offer its best schedule; 0 turns it off.
         milp_time: the MILP's time box in seconds.
@@ -209,7 +210,7 @@ def solve_budget(
         # the heuristics found nothing, or nothing they can vouch for (a schedule within 10% of computing each
         # value once is within 10% of the optimum): give the exact search a longer look, so that "nothing
         # fits" is said only where the exact search could not find a schedule either
-        ans = _exact_answer(g, budget, exact_more if best is None else exact_more / 2)
+        ans = _exact_answer(g, budget, exact_more if best is None else min(exact_more / 6, 5.0))
         if ans is not None and ans[1] is not None:
             offer("exact", ans[1])
         elif ans is not None and best is None:  # proven: nothing fits
