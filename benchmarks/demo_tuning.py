@@ -146,6 +146,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 12 steps, one seed")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--extend", action="store_true", help="run only the points of EXTEND (the second pass)")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", help="run only these of SEEDS (passes in parallel; --merge)"
+    )
+    ap.add_argument(
+        "--configs", nargs="+", help="run only these configurations of the grid (parallel passes)"
+    )
     ap.add_argument("--resume", action="store_true", help="keep the runs already in --out, run the others")
     ap.add_argument("--merge", type=Path, nargs="+", help="combine the runs of these result files into --out")
     args = ap.parse_args()
@@ -154,7 +160,7 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     cfg = DemoConfig()
-    steps, seeds = (12, SEEDS[:1]) if args.quick else (cfg.steps, SEEDS)
+    steps, seeds = (12, SEEDS[:1]) if args.quick else (cfg.steps, tuple(args.seeds or SEEDS))
     warmup = max(1, steps // 3) if args.quick else cfg.warmup_steps
     ds = tuning_split(TextDataset.from_file(cfg.data))
     t_start, c_start = time.perf_counter(), time.process_time()
@@ -179,6 +185,8 @@ def main() -> None:
     }
     for seed in seeds:  # seeds outermost: a partial file already compares every configuration
         for config, lrs in grid.items():
+            if args.configs and config not in args.configs:
+                continue
             kind = "sm3" if config == "sm3-equal-memory" else config
             if config == "sm3-equal-memory" and eq is None:
                 eq = _plan_with_retry(cfg)
@@ -220,7 +228,13 @@ def main() -> None:
 def merge(paths: list[Path], out: Path) -> None:
     """One result file from several passes: every run, the summary over all of them, each pass's header."""
     parts = [json.loads(p.read_text()) for p in paths]
-    runs = [r for part in parts for r in part["runs"]]
+    runs: list[dict[str, Any]] = []
+    seen: set[tuple[str, float, int]] = set()
+    for part in parts:  # a run two passes both made counts once (the first file's)
+        for r in part["runs"]:
+            if (r["config"], r["lr"], r["seed"]) not in seen:
+                seen.add((r["config"], r["lr"], r["seed"]))
+                runs.append(r)
     grid: dict[str, list[float]] = {}
     for part in parts:
         for c, lrs in part["grid"].items():
