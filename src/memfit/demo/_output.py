@@ -241,7 +241,7 @@ def _plot_memory(ax: Any, report: dict[str, Any]) -> None:
             Line2D([], [], color="black", ls=":", lw=1.5, label="equal-memory run: the planner's prediction")
         )
     ax.legend(handles=handles, fontsize=7, loc="upper right")
-    ax.set_ylim(0, top * 1.45)
+    ax.set_ylim(0, top * 1.6)  # room for the legend above the tallest label
     ax.set_ylabel("MiB at the peak of one training step")
     ax.set_title("measured peak memory of one step by category (ratios to Adam)", fontsize=10)
     ax.tick_params(axis="x", labelsize=7)
@@ -292,16 +292,8 @@ def _plot_equal(ax_tok: Any, ax_sec: Any, report: dict[str, Any]) -> None:
         f"its tokens/s were {speed:.2f}x Adam's;\non a GPU a larger batch is usually faster per token still "
         "(not measured here)."
     )
-    ax_sec.text(
-        0.02,
-        0.03,
-        note,
-        transform=ax_sec.transAxes,
-        ha="left",
-        va="bottom",
-        fontsize=7.5,
-        bbox={"boxstyle": "round", "fc": "white", "ec": "0.7"},
-    )
+    # below the panel, not on it: no curve runs under the note
+    ax_sec.figure.text(0.75, 0.005, note, ha="center", va="bottom", fontsize=8)
     ax_sec.legend(
         handles=[Line2D([], [], color=_RUN_COLORS[_key(r)], marker="o", ms=4) for r in shown],
         labels=[r["name"] for r in shown],
@@ -327,7 +319,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
         f"{m['date']}, {m['cpu_count']} CPUs, torch {m['torch']}",
         fontsize=11,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.05, 1.0, 1.0))  # room for the equal-memory note at the bottom
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
