@@ -119,6 +119,15 @@ def test_plan_errors_without_traceback(capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_plan_value_errors_name_the_value(capsys):
+    """``--memory 0.5`` (a forgotten unit) and ``--batch -1x5`` (a value that looks like an option) are about the value."""
+    base = ["plan", "--model", "tiny", "--batch", "1x8"]
+    _one_line_error(capsys, [*base, "--memory", "0.5"], "'0.5'", "no unit", "24GiB", "--remat 0.5")
+    _one_line_error(capsys, [*base, "--memory", "0"], "must be positive", "'0'")
+    _one_line_error(capsys, ["plan", "--model", "tiny", "--batch", "-1x5"], "'-1x5'", "BATCHxSEQ")
+    _one_line_error(capsys, ["train", *TINY[:-3], "--steps", "-3", "--quiet"], "steps must be >= 1", "-3")
+
+
 def test_python_dash_m_memfit_bad_input_in_a_subprocess(tmp_path):
     """The real entry point: exit status 2, one line, no traceback (``python -m memfit`` runs at all)."""
     bad = tmp_path / "a_file"

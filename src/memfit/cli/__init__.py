@@ -29,10 +29,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _value_options(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
+    """(options that take one value, every option string) of ``parser`` and its subcommands."""
+    takes_value: set[str] = set()
+    every: set[str] = set()
+    for action in parser._actions:
+        every.update(action.option_strings)
+        if action.option_strings and action.nargs is None and action.const is None:
+            takes_value.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub_value, sub_every = _value_options(sub)
+                takes_value |= sub_value
+                every |= sub_every
+    return takes_value, every
+
+
+def _attach_dash_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``--batch -1x5`` -> ``--batch=-1x5``, so that the option's own check says what is wrong with the value.
+
+    argparse takes a value that starts with ``-`` (and is not a plain negative number) for an option and ends
+    with "expected one argument", which does not say that the value was the problem.
+    """
+    takes_value, every = _value_options(parser)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in takes_value and i + 1 < len(argv):
+            value = argv[i + 1]
+            if value.startswith("-") and value != "-" and value.split("=")[0] not in every:
+                out.append(f"{token}={value}")
+                i += 2
+                continue
+        out.append(token)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``memfit`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_dash_values(parser, sys.argv[1:] if argv is None else argv))
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

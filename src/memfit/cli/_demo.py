@@ -75,6 +75,7 @@ def _check(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from memfit.demo import DemoConfig, make_table, plot_report, run_demo, write_report
+    from memfit.demo._run import _specs as demo_specs
 
     problem = _check(args)
     if problem is not None:
@@ -100,9 +101,13 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(exc))
     console = Console()
     wide = Console(width=max(console.width, 150))  # the table has 12 columns
+    runs = [
+        spec.name for spec in demo_specs(cfg, None)
+    ]  # the equal-memory run is planned once the demo starts
+    equal = ", then SM3 + remat at the largest batch that fits Adam's memory" if cfg.equal_memory else ""
     console.print(
-        f"[bold]memfit demo[/]: {cfg.model} GPT, {cfg.steps} steps x 4 configurations "
-        f"(Adam, SM3, SM3 + remat {cfg.remat_budget:.0%}, Adafactor), batches of {cfg.batch_size}x{cfg.seq_len} bytes"
+        f"[bold]memfit demo[/]: {cfg.model} GPT, {cfg.steps} steps x {len(runs)} configurations "
+        f"({', '.join(runs)}){equal}, batches of {cfg.batch_size}x{cfg.seq_len} bytes"
     )
     columns = (
         TextColumn("{task.description}"),

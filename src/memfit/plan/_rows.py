@@ -18,7 +18,7 @@ def parse_bytes(text: str | int) -> int:
     """``"24GiB"`` -> bytes. Binary (KiB, MiB, GiB, TiB; also K, M, G, T) and decimal (KB, MB, GB, TB) units.
 
     Raises:
-        ValueError: a malformed or non-positive size.
+        ValueError: a malformed or non-positive size, or a bare number under 1 KiB (a forgotten unit).
     """
     if isinstance(text, int):
         value = text
@@ -26,7 +26,14 @@ def parse_bytes(text: str | int) -> int:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
         if m is None or m.group(2).lower() not in _UNITS:
             raise ValueError(f"cannot read {text!r} as a size: use e.g. 24GiB, 512MiB, 80GB or a byte count")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        number, unit = float(m.group(1)), m.group(2).lower()
+        if unit in ("", "b") and 0 < number < 1024:
+            # "0.5" or "2" is a fraction or a GiB count the user forgot to label, not a size in bytes.
+            raise ValueError(
+                f"cannot read {text!r} as a memory size: it has no unit and is under 1 KiB; use e.g. "
+                f"24GiB, 512MiB, 80GB (a fraction of the step's memory is a remat budget: --remat {text.strip()})"
+            )
+        value = int(number * _UNITS[unit])
     if value <= 0:
         raise ValueError(f"a memory size must be positive, got {text!r}")
     return value
