@@ -45,3 +45,22 @@ def test_budget_is_never_above_per_block_checkpointing():
         s = solve(g, per_block, keep_sets=keep)
         assert s.peak <= per_block
         assert solve(g, "min", keep_sets=keep).peak <= per_block
+
+
+def test_min_peak_budget_offers_the_keep_sets_to_its_search(monkeypatch):
+    """``min_peak_budget(keep_sets=...)`` hands the keep-sets to the search (it once dropped them, so the
+    least peak it reported could lie above per-block checkpointing on a graph the heuristics miss)."""
+    from memfit.remat.core.solvers import budget
+
+    g, blocks = _masked_ladder(8)  # 68 nodes: above the exact search's size, so the heuristics answer
+    seen = []
+    real = budget._keep_candidates
+
+    def spy(graph, keep_sets):
+        seen.append(keep_sets)
+        return real(graph, keep_sets)
+
+    monkeypatch.setattr(budget, "_keep_candidates", spy)
+    keep = {"blocks": blocks}
+    assert min_peak_budget(g, keep_sets=keep) <= seq_peak(g, keep_sequence(g, blocks))
+    assert any(k == keep for k in seen), seen

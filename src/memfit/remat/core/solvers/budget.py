@@ -347,7 +347,12 @@ def min_peak_budget(
     and, on graphs of at most ``stage_nodes`` nodes, the annealing over keep-sets -- an upper bound on the true
     least peak, and one this solver meets (solving again at it returns that schedule)."""
     return _min_peak_search(
-        g, iters=iters, deadline=deadline, stage_nodes=stage_nodes, exact_nodes=exact_nodes
+        g,
+        iters=iters,
+        deadline=deadline,
+        stage_nodes=stage_nodes,
+        exact_nodes=exact_nodes,
+        keep_sets=keep_sets,
     )[0]
 
 
