@@ -4,6 +4,7 @@ start, for a preset, your own model, or a Hugging Face config.
 memfit plan --model gpt2-xl --batch 8x1024 --memory 24GiB
 memfit plan --model mypkg.models:make_model --loss mypkg.train:loss_fn --batch mypkg.train:make_batch --batch-size 32
 memfit plan --model hf:llama --batch 4x2048 --memory 80GiB --precision bf16-autocast
+memfit plan --model gpt2 --batch 8x1024 --memory 24GiB --step-in-backward   # also with the step in the backward
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="per-example input shape of a classifier factory without --loss, e.g. 3x32x32 (cross-entropy loss)",
     )
+    p.add_argument(
+        "--step-in-backward",
+        action="store_true",
+        help="also plan each row with the optimizer step inside the backward (memfit.optim.step_in_backward: "
+        "each gradient freed right after its update), next to the ordinary step",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -170,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=batch_size,
                 device=args.device,
                 progress=say,
+                step_in_backward=args.step_in_backward,
             )
     except (ValueError, argparse.ArgumentTypeError, ImportError, AttributeError, RuntimeError) as exc:
         line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -192,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
             console.print("[red]nothing fits[/]: lower the batch, or raise the limit")
         else:
             remat = "no remat" if best.remat is None else f"remat at {best.remat:.0%}"
+            if not best.grads_resident:
+                remat += ", step in backward"
             time = f", {best.step_seconds:.3g} s per step" if best.step_seconds is not None else ""
             console.print(
                 f"fastest that fits: [bold]{best.optimizer}, {remat}[/] ({best.settings}; "

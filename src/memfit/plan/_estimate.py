@@ -31,7 +31,8 @@ from torch.utils import _pytree as pytree
 
 from memfit.memory import MemoryReport, format_bytes
 from memfit.models import GPT, ModelSpec, get_model
-from memfit.plan._optimizers import OPTIMIZERS, UpdateTrace, settings, trace_update
+from memfit.plan._in_backward import ConsumedRemat, consumed_remat_plans, step_timeline, timeline_curve
+from memfit.plan._optimizers import OPTIMIZERS, UpdateTrace, settings, trace_param_updates, trace_update
 from memfit.plan._rows import Estimate, PlanRow, parse_bytes
 from memfit.plan._search import PeakCurve, largest_batch
 from memfit.plan._trace import Env, trace_forward_backward
@@ -67,6 +68,7 @@ def estimate(
     method: str = "budget",
     timing: bool = True,
     progress: Callable[[str], None] | None = None,
+    step_in_backward: bool = False,
 ) -> Estimate:
     """Predict peak memory and step time of a training step per optimizer and remat setting, allocating nothing.
 
@@ -95,12 +97,18 @@ def estimate(
         timing: predict step times at this machine's calibrated rates (planning for a device this machine does
             not have gives no times).
         progress: called with a short message before each phase.
+        step_in_backward: also plan each row with the optimizer step inside the backward
+            (:func:`memfit.optim.step_in_backward`: each gradient freed right after its parameter's update), as
+            rows with ``grads_resident=False`` next to the ordinary ones. Their remat budgets are fractions of the
+            in-backward step's own no-remat memory beyond inputs, as ``memfit.remat.compile`` takes them with the
+            hooks active.
 
     Returns:
         The :class:`Estimate`.
 
     Raises:
-        PlanInputError: a model, loss or batch the planner cannot use (the message says which).
+        PlanInputError: a model, loss or batch the planner cannot use (the message says which), or
+            ``step_in_backward`` with ``"fp16-autocast"`` (a ``GradScaler`` must see every gradient before a step).
         ValueError: an unknown optimizer or precision, a bad budget, size or batch.
         memfit.remat.UnsupportedGraph: a remat setting was asked for and the step cannot be captured.
     """
@@ -114,6 +122,12 @@ def estimate(
             raise ValueError(f"a remat budget must be None or in (0, 1], got {r}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    if step_in_backward and precision == "fp16-autocast":
+        raise PlanInputError(
+            "step_in_backward cannot be planned with fp16-autocast: its GradScaler must unscale and check every "
+            "gradient for inf/NaN before any update, which an update inside the backward cannot wait for; use "
+            "bf16-autocast, bf16 or fp32"
+        )
     limit = parse_bytes(memory) if memory is not None else None
     work = _workload(model, loss_fn, batch, batch_size)
     dev = torch.device(device) if device is not None else _device_of(model)
@@ -136,9 +150,11 @@ def estimate(
     net = env.module(net)
     param_dtype = next((p.dtype for p in net.parameters()), torch.float32)
 
-    def traced(b: int) -> tuple[MemoryReport, float, int]:
+    def traced(b: int, consume: bool = False) -> tuple[MemoryReport, float, int]:
         fake = env.batch(_cast_batch(work.make_batch(b), precision))
-        step = trace_forward_backward(env, net, work.loss_fn, fake, autocast=autocast, scale_loss=scaler)
+        step = trace_forward_backward(
+            env, net, work.loss_fn, fake, autocast=autocast, scale_loss=scaler, consume_grads=consume
+        )
         return step.report, step.seconds, _group(step.report.baseline_breakdown)["inputs"]
 
     B = work.batch_size
@@ -151,6 +167,13 @@ def estimate(
         curve = PeakCurve(B, fb.timeline_total, 2 * B, fb2.timeline_total)
     fixed = _group(fb.peak_breakdown)
     resident = fixed["parameters"]  # parameters and buffers
+    consumed: list[MemoryReport] = []  # the forward + backward with each gradient freed at its update (B, 2B)
+    if step_in_backward:
+        say("forward + backward with the step inside it (each gradient freed at its update)")
+        consumed = [traced(B, consume=True)[0]]
+        if limit is not None:
+            consumed.append(traced(2 * B, consume=True)[0])
+    shapes: dict[str, torch.Tensor] = dict(net.named_parameters())
 
     est = Estimate(
         model=work.name,
@@ -163,9 +186,10 @@ def estimate(
     )
     if env.rates is None and timing:
         est.notes.append(f"no step times: this machine cannot calibrate {dev}")
-    plans = _remat_plans(
-        work, precision, autocast, dev, remat, fb, resident + batch_bytes, method, est.notes, say
-    )
+    plans, ib_plans = _remat_plans(
+        work, precision, autocast, dev, remat, fb, resident + batch_bytes, method, est.notes, say,
+        step_in_backward,
+    )  # fmt: skip
 
     for name in optimizers:
         say(f"optimizer {name}")
@@ -215,8 +239,109 @@ def estimate(
                     update_seconds=upd.seconds if env.rates is not None else None,
                 )
             )
+        if step_in_backward:
+            est.rows.extend(
+                _in_backward_rows(
+                    env, name, meta_net, net, upd.state_bytes, remat, consumed, ib_plans, shapes,
+                    resident, batch_bytes, fb_seconds, limit, B, upd.note, param_dtype,
+                )
+            )  # fmt: skip
     est.seconds = time.perf_counter() - t0
     return est
+
+
+def _in_backward_rows(
+    env: Env,
+    name: str,
+    meta_net: nn.Module,
+    net: nn.Module,
+    state: int,
+    remat: Sequence[float | None],
+    consumed: list[MemoryReport],
+    ib_plans: dict[float, ConsumedRemat],
+    shapes: dict[str, torch.Tensor],
+    resident: int,
+    batch_bytes: int,
+    fb_seconds: float,
+    limit: int | None,
+    B: int,
+    note: str,
+    param_dtype: torch.dtype,
+) -> list[PlanRow]:
+    """The rows of optimizer ``name`` with its step inside the backward (see :mod:`memfit.plan._in_backward`)."""
+    upd = trace_param_updates(env, name, meta_net)
+    params = [p for p in net.parameters() if p.requires_grad]
+    upd_seconds = upd.total_seconds(params)
+    lines = [step_timeline(rep, shapes, upd, state) for rep in consumed]
+    rows: list[PlanRow] = []
+    for r in remat:
+        if r is not None and r not in ib_plans:
+            continue
+        if r is None:
+            line = lines[0]
+            peak = int(line.total[line.peak_index])
+            bd = _group(consumed[0].breakdown_at(line.peak_index))
+            bd["optimizer_state"] = state
+            bd["activations"] += line.temporaries_at_peak
+            overhead = 1.0
+        else:
+            beyond, grads = ib_plans[r].peak(upd)
+            bd = {
+                "parameters": resident,
+                "gradients": grads,
+                "optimizer_state": state,
+                "activations": beyond - grads,
+                "inputs": batch_bytes,
+            }
+            peak = sum(bd.values())
+            overhead = ib_plans[r].overhead
+        max_batch = None
+        if limit is not None and len(lines) == 2:
+            if r is None:
+                curve = timeline_curve(B, lines[0], 2 * B, lines[1])
+                max_batch = largest_batch(curve, limit)
+            else:
+                peak_at = _consumed_peak_at(consumed, B, resident, batch_bytes / B, peak - state, state)
+                max_batch = largest_batch(peak_at, limit)
+        step_s = fb_seconds * overhead + upd_seconds if env.rates is not None else None
+        rows.append(
+            PlanRow(
+                optimizer=name,
+                remat=r,
+                peak_bytes=peak,
+                breakdown={k: int(v) for k, v in bd.items()},
+                step_overhead=overhead,
+                fits=None if limit is None else peak <= limit,
+                max_batch=max_batch,
+                note=(note + "; " if note else "") + "optimizer step inside the backward",
+                settings=settings(name, env.device, param_dtype),
+                step_seconds=step_s,
+                update_seconds=upd_seconds if env.rates is not None else None,
+                grads_resident=False,
+            )
+        )
+    return rows
+
+
+def _consumed_peak_at(
+    consumed: list[MemoryReport],
+    B: int,
+    resident: int,
+    batch_per_example: float,
+    peak_without_state: int,
+    state: int,
+) -> Callable[[int], float]:
+    """An in-backward remat row's peak at batch ``b``: its memory beyond inputs scales as the in-backward trace's
+    (as :func:`_peak_at` scales an ordinary remat row's with the ordinary trace)."""
+    curve = PeakCurve(B, consumed[0].timeline_total, 2 * B, consumed[1].timeline_total)
+    inputs = resident + batch_per_example * B
+    ratio = (peak_without_state - inputs) / max(curve(B) - inputs, 1)
+
+    def peak(b: int) -> float:
+        at_b = resident + batch_per_example * b
+        return at_b + ratio * (curve(b) - at_b) + state
+
+    return peak
 
 
 def _scaled_update(upd: UpdateTrace, part: nn.Module, full: nn.Module) -> UpdateTrace:
@@ -337,11 +462,13 @@ def _remat_plans(
     method: str,
     notes: list[str],
     say: Callable[[str], None],
-) -> dict[float, tuple[int, int, float]]:
-    """budget -> (peak beyond inputs, gradients resident at that peak, compute overhead) of each feasible budget."""
+    in_backward: bool = False,
+) -> tuple[dict[float, tuple[int, int, float]], dict[float, ConsumedRemat]]:
+    """budget -> (peak beyond inputs, gradients resident at that peak, compute overhead) of each feasible budget;
+    with ``in_backward``, also budget -> the schedule with the gradients consumed in the backward."""
     budgets = [r for r in remat if r is not None]
     if not budgets:
-        return {}
+        return {}, {}
     from memfit import remat as _remat
 
     say("capturing the step for remat (fake tensors)")
@@ -376,7 +503,13 @@ def _remat_plans(
     base = _remat.solve(graph, None, method="noremat").simulate()
     noninput = base.peak - inputs
     if sliced:
-        return _sliced_plans(work, graph, inputs, budgets, fb, inputs_resident, method, notes)
+        if in_backward:
+            notes.append(
+                "remat rows with the step in the backward: not planned for a GPT preset deeper than "
+                f"{_REMAT_LAYERS} blocks (its schedule is solved on a slice); the no-remat ones are"
+            )
+        return _sliced_plans(work, graph, inputs, budgets, fb, inputs_resident, method, notes), {}
+    ib_plans = consumed_remat_plans(captured, net, budgets, method, notes, say) if in_backward else {}
     plans: dict[float, tuple[int, int, float]] = {}
     for b in budgets:
         say(f"solving remat at {b:.0%}")
@@ -391,7 +524,7 @@ def _remat_plans(
         sim = sched.simulate()
         overhead = sim.cost / base.cost if base.cost else 1.0
         plans[b] = (sim.peak - inputs, _outputs_at_peak(sched, sim), overhead)
-    return plans
+    return plans, ib_plans
 
 
 def _sliced_plans(

@@ -27,7 +27,15 @@ from memfit.memory import track
 from memfit.optim import SM3, CountSketchAdam
 from memfit.plan._trace import Env
 
-__all__ = ["OPTIMIZERS", "UpdateTrace", "make_optimizer", "settings", "trace_update"]
+__all__ = [
+    "OPTIMIZERS",
+    "ParamUpdates",
+    "UpdateTrace",
+    "make_optimizer",
+    "settings",
+    "trace_param_updates",
+    "trace_update",
+]
 
 OPTIMIZERS: dict[str, str] = {
     "adam": "torch.optim.Adam",
@@ -191,6 +199,86 @@ def trace_update(env: Env, name: str, model: nn.Module, *, grad_scaler: bool = F
         seconds=cost.seconds if cost is not None else 0.0,
         state_by_shape=_state_by_shape(opt),
     )
+
+
+@dataclass
+class ParamUpdates:
+    """The update of one parameter at a time, as :func:`memfit.optim.step_in_backward` runs it in the backward.
+
+    Attributes:
+        temporaries: bytes the update of a parameter allocates and frees (beyond its parameter, gradient and
+            state), keyed by the parameter's ``(shape, dtype)``.
+        seconds: predicted time of one such update at calibrated rates (0 without rates), by the same key.
+        state_by_shape: bytes of state per parameter, by the same key.
+    """
+
+    temporaries: dict[tuple[Any, ...], int]
+    seconds: dict[tuple[Any, ...], float]
+    state_by_shape: dict[tuple[Any, ...], int]
+
+    def state_bytes(self, params: Sequence[torch.Tensor]) -> int:
+        """The optimizer state of ``params`` (parameters of any model with these shapes)."""
+        return sum(self.state_by_shape.get(param_key(p), 0) for p in params)
+
+    def total_seconds(self, params: Sequence[torch.Tensor]) -> float:
+        """Time of the updates of ``params``, one call per parameter."""
+        return sum(self.seconds.get(param_key(p), 0.0) for p in params)
+
+
+def param_key(p: torch.Tensor) -> tuple[Any, ...]:
+    """What a parameter's state and update temporaries depend on: its shape and dtype."""
+    return (tuple(p.shape), p.dtype)
+
+
+def trace_param_updates(env: Env, name: str, model: nn.Module) -> ParamUpdates:
+    """Trace ``name``'s update of each parameter shape of ``model`` (``meta`` parameters) on its own.
+
+    What the hook of :func:`memfit.optim.step_in_backward` runs: the user's optimizer with its ``param_groups``
+    narrowed to the one parameter (as ``memfit.optim._in_backward.StepInBackward._update`` does), on the path
+    that call takes (torch's for-loop on CPU / foreach on CUDA; SM3's fused CPU kernel, modelled as in
+    :func:`trace_update`). One full step makes the state first; a parameter's update then allocates only its
+    temporaries, while its gradient is live. The same shape and dtype give the same update: traced once.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = name in _SM3_ARGS and env.device.type == "cpu" and _sm3_fused(env.device)
+    kwargs: dict[str, Any] = {}
+    if name in _SM3_ARGS:
+        kwargs["fused"] = False
+    elif name != "countsketch":
+        kwargs["foreach"] = env.device.type == "cuda"
+    temporaries: dict[tuple[Any, ...], int] = {}
+    seconds: dict[tuple[Any, ...], float] = {}
+    with env.scalars():
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        try:
+            opt = make_optimizer(name, params, **kwargs)
+            opt.step()  # the state, as after the first step
+            groups = opt.param_groups
+            group_of = {id(q): g for g in groups for q in g["params"]}
+            for p in params:
+                key = param_key(p)
+                if key in temporaries:
+                    continue
+                if fused:
+                    one = _fused_sm3_update(env, name, model, opt, [p])
+                    temporaries[key] = one.breakdown["temporaries"]
+                    seconds[key] = one.seconds
+                    continue
+                group = group_of[id(p)]
+                held = group["params"]
+                group["params"], opt.param_groups = [p], [group]
+                try:
+                    with track(None, opt) as t, env.timed() as cost:
+                        opt.step()
+                finally:
+                    group["params"], opt.param_groups = held, groups
+                temporaries[key] = max(t.report.peak_bytes, 0)
+                seconds[key] = cost.seconds if cost is not None else 0.0
+        finally:
+            for p in params:
+                p.grad = None
+    return ParamUpdates(temporaries, seconds, _state_by_shape(opt))
 
 
 def _fused_sm3_update(

@@ -59,7 +59,8 @@ class PlanRow:
             ``step_overhead`` + optimizer update); ``None`` when not predicted.
         update_seconds: the optimizer update's part of ``step_seconds``.
         grads_resident: whether all gradients are resident when the optimizer steps (``True`` for
-            ``loss.backward(); opt.step()``; a step fused into the backward would set it ``False``).
+            ``loss.backward(); opt.step()``; ``False`` for a row with the step inside the backward,
+            :func:`memfit.optim.step_in_backward`, planned with ``estimate(..., step_in_backward=True)``).
     """
 
     optimizer: str
@@ -117,17 +118,18 @@ class Estimate:
             key=lambda r: (r.step_seconds if r.step_seconds is not None else r.step_overhead, r.peak_bytes),
         )
 
-    def row(self, optimizer: str, remat: float | None = None) -> PlanRow:
-        """The row of ``optimizer`` at ``remat``.
+    def row(self, optimizer: str, remat: float | None = None, *, grads_resident: bool = True) -> PlanRow:
+        """The row of ``optimizer`` at ``remat`` (``grads_resident=False``: the step inside the backward).
 
         Raises:
             KeyError: no such row (an optimizer not asked for, or an infeasible remat budget).
         """
         for r in self.rows:
-            if r.optimizer == optimizer and r.remat == remat:
+            if r.optimizer == optimizer and r.remat == remat and r.grads_resident == grads_resident:
                 return r
         raise KeyError(
-            f"no row for ({optimizer!r}, remat={remat}); rows: {[(r.optimizer, r.remat) for r in self.rows]}"
+            f"no row for ({optimizer!r}, remat={remat}, grads_resident={grads_resident}); rows: "
+            f"{[(r.optimizer, r.remat, r.grads_resident) for r in self.rows]}"
         )
 
     def table(self) -> Any:
@@ -135,16 +137,23 @@ class Estimate:
         from rich.table import Table
 
         limit = f", limit {format_bytes(self.memory)}" if self.memory else ""
+        in_backward = any(not r.grads_resident for r in self.rows)
         shape = f"{self.batch_size}x{self.seq_len}" if self.seq_len else str(self.batch_size)
         table = Table(
             title=f"memfit plan: {self.model} ({self.n_params:,} parameters), batch {shape}, {self.precision} "
             f"on {self.device}{limit}",
             caption="predicted without allocating (fake tensors); overhead: forward + backward compute vs no remat; "
-            "step: predicted time of one step at this machine's calibrated rates",
+            "step: predicted time of one step at this machine's calibrated rates"
+            + (
+                "; update: the optimizer step after the backward, or inside it (step_in_backward)"
+                if in_backward
+                else ""
+            ),
         )
         cols = (
             "optimizer",
             "settings",
+            *(("update",) if in_backward else ()),
             "remat",
             "peak",
             "params",
@@ -163,6 +172,7 @@ class Estimate:
             cells = [
                 r.optimizer,
                 r.settings,
+                *((("after backward" if r.grads_resident else "in backward"),) if in_backward else ()),
                 "none" if r.remat is None else f"{r.remat:.0%}",
                 format_bytes(r.peak_bytes),
                 format_bytes(b["parameters"]),

@@ -207,8 +207,23 @@ class Env:
         """``meta_module`` with fake parameters and buffers on :attr:`device` (in place; nothing allocated)."""
         if self.meta:
             return meta_module
+        # ``to_empty`` makes a new tensor per (module, name): a parameter two modules share (tied embeddings) would
+        # come out as two, counted twice with two gradients; tie them again
+        tied: dict[int, list[str]] = {}
+        for name, t in (
+            *meta_module.named_parameters(remove_duplicate=False),
+            *meta_module.named_buffers(remove_duplicate=False),
+        ):
+            tied.setdefault(id(t), []).append(name)
         with self.active():
-            return meta_module.to_empty(device=self.device)
+            out = meta_module.to_empty(device=self.device)
+        for names in tied.values():
+            if len(names) > 1:
+                first = out.get_parameter(names[0]) if _is_param(out, names[0]) else out.get_buffer(names[0])
+                for name in names[1:]:
+                    owner, _, attr = name.rpartition(".")
+                    setattr(out.get_submodule(owner), attr, first)
+        return out
 
     def batch(self, batch: Any) -> Any:
         """A fake twin of ``batch`` (a pytree of real, meta or fake tensors) on :attr:`device`."""
@@ -243,6 +258,7 @@ def trace_forward_backward(
     *,
     autocast: torch.dtype | None,
     scale_loss: bool,
+    consume_grads: bool = False,
 ) -> StepTrace:
     """Forward and backward of ``loss_fn(model, batch)`` on fake tensors under :func:`memfit.memory.track`.
 
@@ -250,12 +266,21 @@ def trace_forward_backward(
     outside it, as a user writes it. ``scale_loss``: the loss is multiplied by a scale first (what
     ``GradScaler.scale`` does).
 
+    ``consume_grads``: the backward of :func:`memfit.optim.step_in_backward` without its updates: a
+    post-accumulate-grad hook on every parameter marks the timeline (``report.marks``: the parameter's name and
+    the point where its final gradient is live, where the update would run) and frees the gradient.
+
     Raises:
         LossError: ``loss_fn`` raised, or did not return a scalar tensor.
     """
     for p in model.parameters():
         p.grad = None
+    handles: list[Any] = []
     with env.active(), track(model, inputs=batch) as t, env.timed() as cost:
+        if consume_grads:  # registered after the tracker's own hooks: the gradient is labelled, then freed
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    handles.append(p.register_post_accumulate_grad_hook(_consumer(t, name)))
         ctx = (
             torch.autocast(env.device.type, dtype=autocast)
             if autocast is not None
@@ -275,10 +300,27 @@ def trace_forward_backward(
             )
         if scale_loss:
             loss = loss * torch.full((), 65536.0, device=loss.device)
-        loss.backward()
+        try:
+            loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
     for p in model.parameters():
         p.grad = None
     return StepTrace(t.report, cost.seconds if cost is not None else 0.0)
+
+
+def _is_param(module: nn.Module, name: str) -> bool:
+    owner, _, attr = name.rpartition(".")
+    return attr in module.get_submodule(owner)._parameters
+
+
+def _consumer(tracker: Any, name: str) -> Callable[[torch.Tensor], None]:
+    def hook(p: torch.Tensor) -> None:
+        tracker.mark(name)
+        p.grad = None
+
+    return hook
 
 
 class LossError(ValueError):
