@@ -161,6 +161,95 @@ def _addmm_fusions(nodes: Iterable[fx.Node]) -> dict[fx.Node, fx.Node]:
     return out
 
 
+_CONV = "convolution"
+
+
+def _is_conv2d(node: fx.Node) -> bool:
+    """An ``aten.convolution`` over 2 spatial dimensions (4-d input and weight)."""
+    if node.op != "call_function" or _name(node) != _CONV or len(node.args) < 2:
+        return False
+    w = node.args[1]
+    val = w.meta.get("val") if isinstance(w, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 4
+
+
+def _onednn(node: fx.Node) -> bool:
+    """Whether inductor runs ``node``'s convolutions through oneDNN: a CPU graph, oneDNN built and enabled."""
+    mkldnn = torch.backends.mkldnn
+    return _device_type(node) == "cpu" and bool(mkldnn.is_available() and mkldnn.enabled)
+
+
+def _layout_opt(nodes: Iterable[fx.Node]) -> bool:
+    """Whether inductor turns on its layout optimisation for a graph of ``nodes``
+    (``GraphLowering.decide_layout_opt``, torch/_inductor/graph.py, training graphs, default config): a graph with
+    a convolution, on a CPU with oneDNN always; on other devices unless its convolutions are few for its size, grouped
+    with more than one input channel, or narrower out than in (``is_in_out_channel``)."""
+    nodes = list(nodes)
+    convs = [n for n in nodes if n.op == "call_function" and _name(n) == _CONV and len(n.args) >= 2]
+    if not convs:
+        return False
+    if all(_onednn(n) for n in convs):
+        return True
+    if len(nodes) >= 300 * len(convs):
+        return False
+    for n in convs:
+        w = n.args[1].meta.get("val") if isinstance(n.args[1], fx.Node) else None
+        if not isinstance(w, torch.Tensor) or w.dim() < 3:
+            continue
+        groups = n.args[-1] if isinstance(n.args[-1], int) else 1
+        if (groups > 1 and w.size(1) > 1) or (w.size(0) * 2 <= w.size(1) and w.size(2) > 1):
+            return False
+    return True
+
+
+def _layout_copies(nodes: Iterable[fx.Node]) -> dict[fx.Node, int]:
+    """``{graph input: bytes}`` of the channels-last copies inductor's layout optimisation makes of a graph's inputs:
+    a 2-d convolution requires its input and weight channels-last (``kernel/conv.py``, ``convolution``:
+    ``require_channels_last``), and an input of the graph (a parameter, the batch) that is not already so is
+    copied. The forward returns the copy in the input's place when it saves it for the backward (a convolution's
+    weight and input are saved for its backward), so the copy lives until its last use there (ResNet-18 at 64x64:
+    42 MiB of weight copies, as much again as the saved activations of a batch of 8)."""
+    nodes = list(nodes)
+    if not _layout_opt(nodes):
+        return {}
+    out: dict[fx.Node, int] = {}
+    for n in nodes:
+        if not _is_conv2d(n):
+            continue
+        for a in n.args[:2]:
+            val = a.meta.get("val") if isinstance(a, fx.Node) else None
+            if (
+                isinstance(a, fx.Node)
+                and a.op == "placeholder"
+                and isinstance(val, torch.Tensor)
+                and val.dim() == 4
+                and not val.is_contiguous(memory_format=torch.channels_last)
+            ):
+                out[a] = _nbytes(val)
+    return out
+
+
+def _call_scratch(node: fx.Node, channels_last: bool) -> int:
+    """Bytes a oneDNN convolution holds inside its call beyond its inputs and outputs, as inductor's buffer plan
+    counts them (``memfit._compat.inductor_wrapper_plan``, ``onednn_scratch``, measured by RSS on torch 2.13's CPU
+    build): a forward convolution holds its weight in oneDNN's blocked format, plus its output in that format when
+    the input is not channels-last; ``convolution_backward`` holds twice the weight with channels-last inputs, and
+    the weight and the output gradient otherwise. ``channels_last``: the convolution's activations are (the layout
+    optimisation of the forward, :func:`_layout_opt`, on a 2-d convolution). 0 for other ops and devices."""
+    name = _name(node)
+    if name not in (_CONV, "convolution_backward") or not _onednn(node) or len(node.args) < 3:
+        return 0
+    if name == _CONV:
+        weight = node.args[1]
+        w = _nbytes(weight.meta.get("val")) if isinstance(weight, fx.Node) else 0
+        return w + (0 if channels_last else _nbytes(node.meta.get("val")))
+    grad_out, weight = node.args[0], node.args[2]
+    w = _nbytes(weight.meta.get("val")) if isinstance(weight, fx.Node) else 0
+    if channels_last:
+        return 2 * w
+    return w + (_nbytes(grad_out.meta.get("val")) if isinstance(grad_out, fx.Node) else 0)
+
+
 def _reads_after_fusion(
     nodes: Sequence[fx.Node], fused: bool
 ) -> tuple[dict[fx.Node, list[fx.Node]], dict[fx.Node, fx.Node]]:

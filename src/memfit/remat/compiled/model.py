@@ -14,16 +14,20 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import CheckpointPolicy
 
 from memfit.remat.compiled.fusion import (
+    _call_scratch,
     _Fusion,
     _is_impure,
     _is_random,
     _is_tensors,
     _kind,
+    _layout_copies,
+    _layout_opt,
     _nbytes,
     _owners,
     _reads_after_fusion,
@@ -110,6 +114,16 @@ class _Model:
             )  # an add of the forward: as it is
         self.addmm = set(self.fused_mm.values())
         self._fuses_memo: dict[fx.Node, bool] = {}
+        # inductor's channels-last copies of the forward's inputs (parameters, the batch), live from the forward's
+        # start to their last reader, and the scratch of oneDNN convolution calls (fusion._layout_copies,
+        # fusion._call_scratch): no choice of saved values removes them, but they set where the peak is
+        self.copies = _layout_copies(self.fw) if fused else {}
+        self.channels_last = fused and _layout_opt(self.fw)
+        self.scratch = {
+            n: s + _pieces_bytes(n)
+            for n in self.nodes
+            if fused and (s := _call_scratch(n, self.channels_last and _is_4d(n)))
+        }
 
     # -------------------------------------------------------------------------------------------- fusion
     def _materialized(
@@ -164,6 +178,17 @@ class _Model:
         live = 0
         peak = 0
         frees: dict[int, int] = {}
+        if self.copies:
+            copy_last = {p: -1 for p in self.copies}
+            for i, (n, _) in enumerate(seq):
+                for a in self.reads[n]:
+                    if a in copy_last:
+                        copy_last[a] = i
+            for p, size in self.copies.items():
+                live += size
+                end = len(seq) if p in self.fw_outputs else copy_last[p]
+                frees[end] = frees.get(end, 0) + size
+            live -= frees.pop(-1, 0)
         fusion = _Fusion(self.addmm, self._fuses_memo)
         for i, key in enumerate(seq):
             n, again = key
@@ -174,7 +199,7 @@ class _Model:
                 live += size
                 end = last.get(key, i)
                 frees[end] = frees.get(end, 0) + size
-            peak = max(peak, live)
+            peak = max(peak, live + self.scratch.get(n, 0))
             live -= frees.pop(i, 0)
         return peak, sum(self.bytes[n] for n in saved)
 
@@ -352,22 +377,38 @@ def _graph_peak(
     fw_owner = _owners(fw_nodes, fw_kind)
     fw_out = next(n for n in fw_gm.graph.nodes if n.op == "output")
     saved = [a for a in pytree.tree_leaves(fw_out.args[0]) if isinstance(a, fx.Node)][num_fwd_outputs:]
+    # inductor's channels-last copies of the forward's inputs: made at its start, saved in the inputs' place
+    copies = _layout_copies(fw_nodes) if fused else {}
+    channels_last = fused and _layout_opt(fw_nodes)
     # each saved storage is carried once, by the first saved value that holds it
     carried: dict[str, int] = {}
     seen: set[fx.Node] = set()
     for a in saved:
         root = fw_owner[a]
-        size = 0 if root.op == "placeholder" or root in seen else _nbytes(root.meta.get("val"))
+        if root in seen:
+            size = 0
+        elif root.op == "placeholder":
+            size = copies.get(root, 0)  # a parameter or input exists anyway; its layout copy does not
+        else:
+            size = _nbytes(root.meta.get("val"))
         seen.add(root)
         carried[a.name] = size
-    fw_peak, _ = _run_peak(fw_nodes, fw_kind, fw_owner, keep=set(saved), carry={}, fused=fused)
+    fw_peak, _ = _run_peak(
+        fw_nodes, fw_kind, fw_owner, keep=set(saved), carry=copies, fused=fused, channels_last=channels_last
+    )
     bw_nodes = [n for n in bw_gm.graph.nodes if n.op != "output"]
     bw_kind = {n: _kind(n) for n in bw_nodes}
     bw_out = next(n for n in bw_gm.graph.nodes if n.op == "output")
     grads = {a for a in pytree.tree_leaves(bw_out.args[0]) if isinstance(a, fx.Node)}
     carry = {n: carried[n.name] for n in bw_nodes if n.op == "placeholder" and n.name in carried}
     bw_peak, _ = _run_peak(
-        bw_nodes, bw_kind, _owners(bw_nodes, bw_kind), keep=grads, carry=carry, fused=fused
+        bw_nodes,
+        bw_kind,
+        _owners(bw_nodes, bw_kind),
+        keep=grads,
+        carry=carry,
+        fused=fused,
+        channels_last=channels_last,
     )
     return max(fw_peak, bw_peak + _held_bytes(fw_gm, num_fwd_outputs)), sum(carried.values())
 
@@ -391,9 +432,12 @@ def _run_peak(
     keep: set[fx.Node],
     carry: dict[fx.Node, int],
     fused: bool,
+    channels_last: bool = False,
 ) -> tuple[int, int]:
     """``(peak, live at the end)`` of one graph run in order: ``carry`` are inputs that occupy memory until their
-    last use, ``keep`` values that live to the end (outputs)."""
+    last use (to the end if kept), ``keep`` values that live to the end (outputs). With ``fused``, a oneDNN
+    convolution's call holds its scratch (:func:`~memfit.remat.compiled.fusion._call_scratch`; ``channels_last``:
+    the forward's layout optimisation made its activations so)."""
     reads, fused_mm = _reads_after_fusion(nodes, fused)
     addmm = set(fused_mm.values())
     last: dict[fx.Node, int] = {}
@@ -406,7 +450,7 @@ def _run_peak(
     live = 0
     for p, size in carry.items():
         live += size
-        end = last.get(owner[p], -1)
+        end = len(nodes) if p in keep else last.get(owner[p], -1)
         frees[end] = frees.get(end, 0) + size
     live -= frees.pop(-1, 0)
     peak = live
@@ -430,6 +474,25 @@ def _run_peak(
                 live += size
                 end = last.get(n, i)
                 frees[end] = frees.get(end, 0) + size
-        peak = max(peak, live)
+        scratch = _call_scratch(n, channels_last and _is_4d(n)) if fused else 0
+        if scratch:  # the call holds its outputs too (a multi-output op's are counted at its getitems, next)
+            scratch += _pieces_bytes(n)
+        peak = max(peak, live + scratch)
         live -= frees.pop(i, 0)
     return peak, live + sum(frees.values())
+
+
+def _pieces_bytes(n: fx.Node) -> int:
+    """Bytes of the outputs of a multi-output op that the graph reads (its getitems); 0 for a single output."""
+    if isinstance(n.meta.get("val"), torch.Tensor):
+        return 0
+    return sum(_nbytes(u.meta.get("val")) for u in n.users if u.target is operator.getitem)
+
+
+def _is_4d(conv: fx.Node) -> bool:
+    """Whether a convolution (or its backward) is over 2 spatial dimensions: its output (its input gradient) is
+    4-d."""
+    val = conv.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        val = next((v for v in val if v is not None), None)
+    return isinstance(val, torch.Tensor) and val.dim() == 4
