@@ -34,6 +34,7 @@ __all__ = [
     "inductor_graph_runs",
     "inductor_partitioning",
     "inductor_wrapper_peak",
+    "inductor_wrapper_plan",
     "is_traceable_wrapper_subclass",
     "is_traceable_wrapper_subclass_type",
     "load_cpp_pybinding",
@@ -197,10 +198,74 @@ def aot_eager_backend(partition_fn: Any) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class WrapperPlan:
+    """Inductor's buffer plan of one compiled graph, replayed from its generated wrapper (:func:`inductor_wrapper_plan`).
+
+    Attributes:
+        peak: the peak bytes of one call: inputs still alive plus the buffers the wrapper holds (and, with
+            ``onednn_scratch``, what a oneDNN convolution holds inside its call).
+        returned: per returned value, the bytes of the buffer it is when the wrapper allocated that buffer itself
+            (a layout copy of an input included), 0 for an input, a view of an input or ``None``.
+    """
+
+    peak: int
+    returned: tuple[int, ...]
+
+
 def inductor_wrapper_peak(
     source_code: str, arg_bytes: dict[str, int], fallback_itemsize: int = 4
 ) -> int | None:
     """The peak bytes of one call of an inductor-compiled graph, read from its generated Python wrapper.
+
+    :func:`inductor_wrapper_plan`'s ``peak`` without the oneDNN scratch rule; ``None`` where the source is not
+    of the expected form.
+    """
+    plan = inductor_wrapper_plan(source_code, arg_bytes, fallback_itemsize)
+    return None if plan is None else plan.peak
+
+
+_SHAPE = r"\(([^)]*)\), \(([^)]*)\)"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def _extent(sizes: list[int], strides: list[int]) -> int:
+    """Elements a strided tensor spans (0 when a size is 0)."""
+    return 0 if 0 in sizes else 1 + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True))
+
+
+def _call_args(text: str) -> list[str]:
+    """The top-level comma-separated arguments of the call that opens at the first ``(`` of ``text``."""
+    depth, out, cur = 0, [], ""
+    for ch in text[text.index("(") :]:
+        if ch in "([":
+            depth += 1
+            if depth == 1:
+                continue
+        elif ch in ")]":
+            depth -= 1
+            if depth == 0:
+                out.append(cur.strip())
+                break
+        if ch == "," and depth == 1:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [a for a in out if a]
+
+
+def inductor_wrapper_plan(
+    source_code: str,
+    arg_bytes: dict[str, int],
+    fallback_itemsize: int = 4,
+    *,
+    onednn_scratch: bool = False,
+) -> WrapperPlan | None:
+    """Inductor's buffer plan of one call of a compiled graph, read from its generated Python wrapper.
 
     Inductor's wrapper (``CompiledFxGraph.source_code``, torch/_inductor/codegen/wrapper.py) allocates every buffer
     with ``bufN = empty_strided_<device>((sizes), (strides), dtype)``, hands one to another with
@@ -213,14 +278,24 @@ def inductor_wrapper_peak(
     allocated by the kernel: the wrapper checks each with ``assert_size_stride(bufN, sizes, strides, ...)``, which
     gives its extent; the dtype is not written there, so they count ``fallback_itemsize`` bytes an element.
 
+    With ``onednn_scratch`` (a CPU graph, oneDNN convolutions), a convolution's call also holds its outputs and
+    oneDNN's own buffers at once, before the wrapper frees its inputs. Measured on torch 2.13's CPU build (fp32,
+    one thread, RSS with glibc's mmap threshold at 64 KiB; ``docs/remat_compiled.md``, "Convnets on CPU
+    inductor"): a forward convolution holds a copy of its weight in oneDNN's blocked format (0.95-1.04x the
+    weight's bytes), plus its output in that format when the input is not channels-last; ``convolution_backward``
+    holds twice the weight's bytes with channels-last inputs (the weight and its gradient in the blocked format:
+    1.96-1.99x measured on the 3x3 convolutions of 256 and 512 channels), and the weight's plus the output
+    gradient's otherwise.
+
     Args:
         source_code: the wrapper module's source.
         arg_bytes: bytes of each input by name that occupies memory of its own (others count 0).
         fallback_itemsize: bytes per element of a fallback kernel's outputs (the graph's float dtype).
+        onednn_scratch: count oneDNN's buffers inside convolution calls (CPU graphs).
 
     Returns:
-        The peak in bytes, or ``None`` when the source has no ``call`` function of the expected form (another
-        torch version's codegen): callers then keep their own estimate.
+        The plan, or ``None`` when the source has no ``call`` function of the expected form (another torch
+        version's codegen): callers then keep their own estimate.
     """
     import re
 
@@ -231,20 +306,72 @@ def inductor_wrapper_peak(
     if start is None:
         return None
     indent = len(lines[start]) - len(lines[start].lstrip()) + 4
-    alloc = re.compile(r"(\w+) = empty_strided(?:_\w+)?\(\(([^)]*)\), \(([^)]*)\), torch\.(\w+)\)")
+    body: list[str] = []
+    for line in lines[start + 1 :]:
+        if line.strip() and len(line) - len(line.lstrip()) < indent:
+            break
+        if line.strip() and not line.strip().startswith("#"):
+            body.append(line.strip())
+    alloc = re.compile(rf"(\w+) = empty_strided(?:_\w+)?\({_SHAPE}, torch\.(\w+)\)")
     reuse = re.compile(r"(\w+) = (?:reinterpret_tensor\()?(\w+)\b.*; del \2\s+# reuse")
     fallback = re.compile(r"(\w+) = (?:extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?)\(")
     item = re.compile(r"(\w+) = (\w+)\[\d+\]$")
-    checked = re.compile(r"assert_size_stride\((\w+), \(([^)]*)\), \(([^)]*)\)")
+    checked = re.compile(rf"assert_size_stride\((\w+), {_SHAPE}")
+    view = re.compile(rf"reinterpret_tensor\((\w+), {_SHAPE}")
+    shapes: dict[str, tuple[list[int], list[int]]] = {}  # name -> (sizes, strides), where the wrapper says
     pending: set[str] = set()  # fallback outputs whose extent the next assert_size_stride gives
     returned: set[str] = set()  # the (tuple) results of fallback kernels
     live: dict[str, int] = {}
     peak = 0
     total = 0
-    for line in lines[start + 1 :]:
-        if line.strip() and len(line) - len(line.lstrip()) < indent:
-            break
-        s = line.strip()
+
+    def shape_of(arg: str) -> tuple[list[int], list[int]] | None:
+        m = view.match(arg)
+        return (_ints(m.group(2)), _ints(m.group(3))) if m else shapes.get(arg)
+
+    def nbytes(arg: str) -> int:
+        shape = shape_of(arg)
+        if shape is None or len(shape[0]) != len(shape[1]):
+            return 0
+        return _extent(*shape) * fallback_itemsize
+
+    def channels_last(arg: str) -> bool:
+        shape = shape_of(arg)
+        return shape is not None and len(shape[1]) == 4 and shape[0][1] > 1 and shape[1][1] == 1
+
+    def outputs_of(i: int, name: str) -> int:
+        """Bytes of what the fallback call at ``body[i]`` returns, from the assert_size_stride lines after it."""
+        items, out = {name}, 0
+        for s in body[i + 1 :]:
+            m = item.match(s)
+            if m and m.group(2) in items:
+                items.add(m.group(1))
+                continue
+            m = checked.match(s)
+            if m and m.group(1) in items:
+                sizes, strides = _ints(m.group(2)), _ints(m.group(3))
+                if len(sizes) == len(strides):
+                    out += _extent(sizes, strides) * fallback_itemsize
+                continue
+            if not s.startswith("del "):
+                break
+        return out
+
+    def scratch(s: str, out: int) -> int:
+        if ".convolution(" in s and s.split("=", 1)[1].strip().startswith("extern_kernels.convolution("):
+            args = _call_args(s.split("=", 1)[1])
+            if len(args) < 2:
+                return 0
+            return nbytes(args[1]) + (0 if channels_last(args[0]) else out)
+        if "aten.convolution_backward." in s:
+            args = _call_args(s.split("=", 1)[1])
+            if len(args) < 3:
+                return 0
+            weight = nbytes(args[2])
+            return 2 * weight if channels_last(args[1]) else weight + nbytes(args[0])
+        return 0
+
+    for i, s in enumerate(body):
         if s.endswith("= args") and "," in s:
             for name in (n.strip() for n in s[: -len("= args")].split(",")):
                 if name:
@@ -254,25 +381,30 @@ def inductor_wrapper_peak(
             continue
         m = alloc.match(s)
         if m:
-            sizes = [int(x) for x in m.group(2).replace(" ", "").split(",") if x]
-            strides = [int(x) for x in m.group(3).replace(" ", "").split(",") if x]
+            sizes, strides = _ints(m.group(2)), _ints(m.group(3))
             dtype = getattr(torch, m.group(4), None)
             if dtype is None or len(sizes) != len(strides):
                 return None
-            numel = 0 if 0 in sizes else 1 + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True))
-            live[m.group(1)] = numel * torch.empty((), dtype=dtype).element_size()
+            shapes[m.group(1)] = (sizes, strides)
+            live[m.group(1)] = _extent(sizes, strides) * torch.empty((), dtype=dtype).element_size()
             total += live[m.group(1)]
             peak = max(peak, total)
             continue
         m = reuse.match(s)
         if m:
             live[m.group(1)] = live.pop(m.group(2), 0)
+            vm = view.search(s)
+            if vm:
+                shapes[m.group(1)] = (_ints(vm.group(2)), _ints(vm.group(3)))
             continue
         m = fallback.match(s)
         if m:
             live[m.group(1)] = 0
             pending.add(m.group(1))
             returned.add(m.group(1))
+            if onednn_scratch:
+                out = outputs_of(i, m.group(1))
+                peak = max(peak, total + out + scratch(s, out))
             continue
         m = item.match(s)
         if m and m.group(2) in returned:
@@ -281,22 +413,30 @@ def inductor_wrapper_peak(
             pending.discard(m.group(2))  # a tuple: its items carry the bytes
             continue
         m = checked.match(s)
-        if m and m.group(1) in pending:
-            pending.discard(m.group(1))
-            sizes = [int(x) for x in m.group(2).replace(" ", "").split(",") if x]
-            strides = [int(x) for x in m.group(3).replace(" ", "").split(",") if x]
-            if len(sizes) == len(strides):
-                numel = (
-                    0 if 0 in sizes else 1 + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True))
-                )
-                live[m.group(1)] = numel * fallback_itemsize
-                total += live[m.group(1)]
-                peak = max(peak, total)
+        if m:
+            sizes, strides = _ints(m.group(2)), _ints(m.group(3))
+            shapes.setdefault(m.group(1), (sizes, strides))
+            if m.group(1) in pending:
+                pending.discard(m.group(1))
+                if len(sizes) == len(strides):
+                    live[m.group(1)] = _extent(sizes, strides) * fallback_itemsize
+                    total += live[m.group(1)]
+                    peak = max(peak, total)
             continue
         if s.startswith("del "):
             for name in (n.strip() for n in s[4:].split("#")[0].split(",")):
                 total -= live.pop(name, 0)
-    return peak
+            continue
+        if s.startswith("return "):
+            rest = s[len("return ") :].strip()
+            values = _call_args(rest) if rest.startswith("(") else [rest]
+            out_bytes = []
+            for value in values:
+                vm = view.match(value)
+                name = vm.group(1) if vm else value
+                out_bytes.append(live.get(name, 0) if name not in arg_bytes else 0)
+            return WrapperPlan(peak, tuple(out_bytes))
+    return WrapperPlan(peak, ())
 
 
 def no_autograd_cache() -> Any:

@@ -1,13 +1,27 @@
-"""Child process of test_compiled: compile a step with memfit's backend at several budgets and measure each step's
-peak by process RSS (run with MALLOC_MMAP_THRESHOLD_ so that large blocks go back to the OS when freed).
+"""Child process of test_compiled and test_zoo_compiled: compile a step with memfit's backend at several budgets and
+measure each step's peak by process RSS (run with MALLOC_MMAP_THRESHOLD_ so that large blocks go back to the OS when
+freed).
 
-    python _compiled_rss.py MODEL COMPILER BUDGET [BUDGET ...]    (BUDGET: a float, or "none")
+    python _compiled_rss.py MODEL COMPILER BUDGET [BUDGET ...] [--layout-opt 0|1] [--no-dropout] [--save FILE]
 
-Prints one JSON line per budget: the plan's figures and the measured peak (VmHWM after a reset, less VmRSS before).
+MODEL: ``mlp``, ``gpt``, or a zoo model as ``zoo:NAME`` (``zoo.py``'s ``"small"`` size) or ``zoo:NAME:SIZE``.
+COMPILER: ``inductor`` or ``aot_eager`` (memfit's backend with that compiler), ``torch`` (``torch.compile``'s own
+default, no memfit: BUDGET must be ``none``) or ``eager`` (no compile: BUDGET must be ``none``). BUDGET: a float,
+or ``none``. ``--layout-opt`` sets ``torch._inductor.config.layout_optimization`` (inductor's own default when
+absent); ``--no-dropout`` sets every ``nn.Dropout``'s ``p`` to 0; ``--save FILE`` writes, for the last budget, the
+loss, the gradients and the buffers after its first step (from the state the model was built in, generator seeded
+with 7) to ``FILE`` (``torch.save``), for the caller to compare with eager's.
+
+Prints one JSON line per budget: the plan's figures, the measured peak (VmHWM after a reset, less VmRSS before), the
+median step time (process CPU seconds; one thread) and the compile time (wall).
 """
 
+import argparse
+import copy
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -16,6 +30,8 @@ import memfit.remat
 from memfit.models import GPT, GPTConfig, lm_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zoo
+
 from models import mlp, vector_batch, xent
 
 
@@ -35,30 +51,92 @@ def build(name: str):
         ids = torch.randint(0, 256, (16, 129), generator=g)
         model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=128))
         return model, lm_loss, (ids[:, :-1], ids[:, 1:])
+    if name.startswith("zoo:"):
+        _, model_name, *size = name.split(":")
+        model, loss_fn, batch = zoo.BUILDERS[model_name](size[0] if size else "small")
+        model.train()
+        return model, loss_fn, batch
     raise ValueError(name)
 
 
 def main() -> None:
-    name, compiler, budgets = sys.argv[1], sys.argv[2], sys.argv[3:]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("compiler", choices=["inductor", "aot_eager", "torch", "eager"])
+    parser.add_argument("budgets", nargs="+")
+    parser.add_argument("--layout-opt", type=int, choices=[0, 1], default=None)
+    parser.add_argument("--no-dropout", action="store_true")
+    parser.add_argument("--save", default=None)
+    parser.add_argument("--steps", type=int, default=1, help="measured steps (the peak is their largest)")
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    model, loss_fn, batch = build(name)
-    for text in budgets:
+    if args.layout_opt is not None:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.layout_optimization = bool(args.layout_opt)
+    model, loss_fn, batch = build(args.model)
+    if args.no_dropout:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    initial = copy.deepcopy(model.state_dict())
+    for text in args.budgets:
         budget = None if text == "none" else float(text)
+        if args.compiler in ("torch", "eager") and budget is not None:
+            raise SystemExit(f"compiler {args.compiler} takes no budget, got {text}")
         torch._dynamo.reset()
-        backend = memfit.remat.backend(budget=budget, compiler=compiler)
-        step = torch.compile(lambda b: loss_fn(model, b), backend=backend)
-        for _ in range(2):  # compile, then one warm step
-            for p in model.parameters():
-                p.grad = None
-            step(batch).backward()
+        model.load_state_dict(initial)
+        backend = None
+        if args.compiler == "eager":
+            step = lambda b: loss_fn(model, b)  # noqa: E731
+        elif args.compiler == "torch":
+            step = torch.compile(lambda b: loss_fn(model, b))
+        else:
+            backend = memfit.remat.backend(budget=budget, compiler=args.compiler)
+            step = torch.compile(lambda b: loss_fn(model, b), backend=backend)
+        t0 = time.perf_counter()
         for p in model.parameters():
             p.grad = None
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        before = _rss("VmRSS")
+        torch.manual_seed(7)
+        loss = step(batch)
+        loss.backward()
+        compile_s = time.perf_counter() - t0
+        if args.save:
+            torch.save(
+                {
+                    "loss": loss.detach(),
+                    "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                    "buffers": {n: b.clone() for n, b in model.named_buffers()},
+                },
+                args.save,
+            )
+        del loss
+        for p in model.parameters():  # one warm step
+            p.grad = None
         step(batch).backward()
-        measured = _rss("VmHWM") - before
-        plans = [p.to_dict() for p in backend.plans]
-        print(json.dumps({"budget": budget, "measured": measured, "plans": plans}), flush=True)
+        measured, times = 0, []
+        for _ in range(args.steps):
+            for p in model.parameters():
+                p.grad = None
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            before = _rss("VmRSS")
+            c0 = time.process_time()
+            step(batch).backward()
+            times.append(time.process_time() - c0)
+            measured = max(measured, _rss("VmHWM") - before)
+        plans = [] if backend is None else [p.to_dict() for p in backend.plans]
+        row = {
+            "model": args.model,
+            "compiler": args.compiler,
+            "budget": budget,
+            "layout_opt": args.layout_opt,
+            "no_dropout": args.no_dropout,
+            "measured": measured,
+            "step_cpu_s": statistics.median(times),
+            "compile_s": compile_s,
+            "plans": plans,
+        }
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

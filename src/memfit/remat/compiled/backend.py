@@ -43,12 +43,14 @@ The pieces: :mod:`~memfit.remat.compiled.fusion` (inductor's fusion rules), :mod
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import hashlib
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,6 +141,8 @@ class MemfitBackend:
         ] = {}  # bytes the forward returns to the caller (the loss), held in the backward
         # each joint graph's frontier, for the refining compile (choose.partition)
         self._frontiers: dict[str, choose._Frontier] = {}
+        # per plan: bytes of each saved forward input that inductor's forward returns as a copy of its own
+        self._copies: dict[int, dict[str, int]] = {}
 
     def __repr__(self) -> str:
         return f"memfit.remat.backend(budget={self.budget!r}, compiler={self.compiler!r})"
@@ -168,6 +172,7 @@ class MemfitBackend:
                 and plan.budget_bytes is not None
                 and plan.compiled_peak_bytes is not None
             ):
+                self._warn_layout_copies(plan)
                 return first
             over = plan.compiled_peak_bytes > plan.budget_bytes
             under = plan.compiled_peak_bytes < (1.0 - _SLACK) * plan.budget_bytes
@@ -176,9 +181,15 @@ class MemfitBackend:
             # inductor's plan misses the budget memfit's model aimed at: over it, or leaving more than _SLACK of it
             # unused (recomputing more than needed). Aim the model by the ratio of the two (a little low) and compile
             # once more. Over: keep whichever peaks lower. Under: keep the second if it fits and recomputes less.
-            self._scale = _AIM * plan.predicted_peak_bytes / plan.compiled_peak_bytes
+            # Over with layout copies of parameters saved for the backward (inductor's layout optimisation, which no
+            # choice of saved values removes): the second compile turns that optimisation off, and the ratio leaves
+            # the copies out.
+            layout_off = over and plan.layout_copy_bytes > 0
+            reference = plan.compiled_peak_bytes - (plan.layout_copy_bytes if layout_off else 0)
+            self._scale = _AIM * plan.predicted_peak_bytes / max(reference, 1)
             self.plans.pop()
-            second = compile_fx(gm, example_inputs, inner_compile=self._inner_compile)
+            with inductor_config.patch(layout_optimization=False) if layout_off else contextlib.nullcontext():
+                second = compile_fx(gm, example_inputs, inner_compile=self._inner_compile)
             again = self.plans[-1]
             if again.compiled_peak_bytes is not None and (
                 again.compiled_peak_bytes <= plan.compiled_peak_bytes
@@ -186,10 +197,32 @@ class MemfitBackend:
                 else again.compiled_peak_bytes <= plan.budget_bytes
                 and again.recompute_cost_s < plan.recompute_cost_s
             ):
-                self.plans[-1] = dataclasses.replace(again, refined=True)
+                self.plans[-1] = dataclasses.replace(again, refined=True, layout_optimization_off=layout_off)
+                self._warn_layout_copies(self.plans[-1])
                 return second
             self.plans[-1] = plan
+            self._warn_layout_copies(plan)
             return first
+
+    @staticmethod
+    def _warn_layout_copies(plan: CompiledPlan | None) -> None:
+        """A warning when layout copies of parameters keep inductor's plan above the budget."""
+        if (
+            plan is None
+            or not plan.layout_copy_bytes
+            or plan.budget_bytes is None
+            or plan.compiled_peak_bytes is None
+            or plan.compiled_peak_bytes <= plan.budget_bytes
+        ):
+            return
+        warnings.warn(
+            f"memfit.remat.backend: inductor's layout optimisation saves {plan.layout_copy_bytes / 2**20:.1f} MiB of "
+            "channels-last copies of parameters for the backward (its plan peaks at "
+            f"{plan.compiled_peak_bytes / 2**20:.1f} MiB, budget {plan.budget_bytes / 2**20:.1f} MiB); no choice of "
+            "saved values removes them. torch._inductor.config.layout_optimization = False does (refine=True "
+            "tries that when over budget).",
+            stacklevel=3,
+        )
 
     def _inner_compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
         """Inductor's own ``compile_fx_inner``, then its buffer plan read from the generated code."""
@@ -199,10 +232,13 @@ class MemfitBackend:
         source = getattr(out, "source_code", None)
         if not self.plans or not isinstance(source, str):
             return out
+        i = len(self.plans) - 1
+        backward = bool(kwargs.get("is_backward", False))
+        copies = self._copies.get(i, {}) if backward else {}
+        # parameters exist anyway; a saved "parameter" the forward returned as a layout copy of its own (inductor's
+        # layout optimisation saves channels-last copies of convolution weights) does not
         arg_bytes = {
-            n.name: 0
-            if n.name.startswith("primals")
-            else _nbytes(n.meta.get("val"))  # parameters exist anyway
+            n.name: copies.get(n.name, 0) if n.name.startswith("primals") else _nbytes(n.meta.get("val"))
             for n in gm.graph.nodes
             if n.op == "placeholder"
         }
@@ -214,17 +250,31 @@ class MemfitBackend:
             and v.is_floating_point()
         ]
         # fallback kernels' outputs: their dtype is not in the wrapper; the graph's float inputs' is the likely one
-        peak = _compat.inductor_wrapper_peak(source, arg_bytes, max(floats, default=4))
-        i = len(self.plans) - 1
-        if peak is None:
+        wrapper = _compat.inductor_wrapper_plan(
+            source, arg_bytes, max(floats, default=4), onednn_scratch=_onednn_convolutions(gm)
+        )
+        if wrapper is None:
             return out
-        if not kwargs.get("is_backward", False):
+        peak = wrapper.peak
+        if not backward:
             self._fw_peak[i] = peak
+            outputs = gm.graph.output_node().args[0]
+            if isinstance(outputs, (list, tuple)) and len(outputs) == len(wrapper.returned):
+                self._copies[i] = {
+                    a.name: b
+                    for a, b in zip(outputs, wrapper.returned, strict=True)
+                    if isinstance(a, fx.Node) and a.op == "placeholder" and b > 0
+                }
         elif i in self._fw_peak:
             plan = self.plans[i]
             whole = max(self._fw_peak.pop(i), peak + self._held.get(i, 0))
             feasible = plan.feasible if plan.budget_bytes is None else whole <= plan.budget_bytes
-            self.plans[i] = dataclasses.replace(plan, compiled_peak_bytes=whole, feasible=feasible)
+            self.plans[i] = dataclasses.replace(
+                plan,
+                compiled_peak_bytes=whole,
+                feasible=feasible,
+                layout_copy_bytes=sum(self._copies.pop(i, {}).values()),
+            )
         return out
 
     # ------------------------------------------------------------------------------------------------
@@ -260,6 +310,13 @@ class MemfitBackend:
             print(plan.report())
         log.info("%s", plan.report())
         return fw_gm, bw_gm
+
+
+def _onednn_convolutions(gm: fx.GraphModule) -> bool:
+    """Whether ``gm``'s convolutions run in oneDNN (a CPU graph, torch built with it and not turned off), whose calls
+    hold buffers of their own (:func:`memfit._compat.inductor_wrapper_plan`)."""
+    mkldnn = torch.backends.mkldnn
+    return bool(mkldnn.is_available() and mkldnn.enabled) and choose._device_of(gm).type == "cpu"
 
 
 @functools.cache

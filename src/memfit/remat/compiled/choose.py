@@ -55,6 +55,13 @@ class CompiledPlan:
             inductor's peak.
         rates: the device speeds the costs were computed with (given to :func:`backend`, or calibrated in this
             process); ``None`` without a budget.
+        layout_copy_bytes: bytes of the copies of graph inputs (parameters) that inductor's forward saves for the
+            backward in their place: its layout optimisation converts convolution weights to channels-last and
+            saves the converted copies, held from the forward to their convolution's backward. They are in
+            ``compiled_peak_bytes``; no choice of saved values removes them (see docs/remat_compiled.md,
+            "Convnets on CPU inductor").
+        layout_optimization_off: this plan comes from a refining compile with inductor's layout optimisation turned
+            off, because the first compile's plan was over the budget with such copies in it.
     """
 
     budget_bytes: int | None
@@ -69,6 +76,8 @@ class CompiledPlan:
     compiled_peak_bytes: int | None = None
     refined: bool = False
     rates: Rates | None = None
+    layout_copy_bytes: int = 0
+    layout_optimization_off: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +94,16 @@ class CompiledPlan:
                 ""
                 if self.compiled_peak_bytes is None
                 else f"; inductor's buffer plan peaks at {self.compiled_peak_bytes / mib:.1f} MiB"
+            )
+            + (
+                f" (with {self.layout_copy_bytes / mib:.1f} MiB of layout copies of parameters saved for the backward)"
+                if self.layout_copy_bytes
+                else ""
+            )
+            + (
+                "; inductor's layout optimisation turned off (its copies were over budget)"
+                if self.layout_optimization_off
+                else ""
             )
             + ("" if self.feasible else "; budget infeasible on the compiled path: min-peak plan used")
         )
