@@ -182,11 +182,10 @@ class MemfitBackend:
             # unused (recomputing more than needed). Aim the model by the ratio of the two (a little low) and compile
             # once more. Over: keep whichever peaks lower. Under: keep the second if it fits and recomputes less.
             # Over with layout copies of parameters saved for the backward (inductor's layout optimisation, which no
-            # choice of saved values removes): the second compile turns that optimisation off, and the ratio leaves
-            # the copies out.
+            # choice of saved values removes): the second compile turns that optimisation off (the model reads
+            # inductor's config: fusion._layout_opt).
             layout_off = over and plan.layout_copy_bytes > 0
-            reference = plan.compiled_peak_bytes - (plan.layout_copy_bytes if layout_off else 0)
-            self._scale = _AIM * plan.predicted_peak_bytes / max(reference, 1)
+            self._scale = _AIM * plan.predicted_peak_bytes / plan.compiled_peak_bytes
             self.plans.pop()
             with inductor_config.patch(layout_optimization=False) if layout_off else contextlib.nullcontext():
                 second = compile_fx(gm, example_inputs, inner_compile=self._inner_compile)

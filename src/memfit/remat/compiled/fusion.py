@@ -184,6 +184,10 @@ def _layout_opt(nodes: Iterable[fx.Node]) -> bool:
     (``GraphLowering.decide_layout_opt``, torch/_inductor/graph.py, training graphs, default config): a graph with
     a convolution, on a CPU with oneDNN always; on other devices unless its convolutions are few for its size, grouped
     with more than one input channel, or narrower out than in (``is_in_out_channel``)."""
+    from torch._inductor import config
+
+    if not getattr(config, "layout_optimization", True):  # off, as memfit's refining compile may turn it
+        return False
     nodes = list(nodes)
     convs = [n for n in nodes if n.op == "call_function" and _name(n) == _CONV and len(n.args) >= 2]
     if not convs:
