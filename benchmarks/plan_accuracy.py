@@ -19,6 +19,12 @@ the session that wrote this script: its CUDA figures are not recorded).
 
 Run: ``.venv/bin/python benchmarks/plan_accuracy.py`` (``--only NAME`` for some rows, ``--quick`` for the sample
 the test runs). Writes ``benchmarks/results/plan_accuracy.json``.
+
+``--step-in-backward``: the same grid with the optimizer step inside the backward
+(:func:`memfit.optim.step_in_backward`, active before ``memfit.remat.compile`` so that its schedule consumes the
+gradients): the plan's row with ``grads_resident=False`` against that real step, and the drop from the ordinary
+step (planned and measured, tracker only, in the same process). Writes
+``benchmarks/results/plan_accuracy_step_in_backward.json``.
 """
 
 from __future__ import annotations
@@ -78,6 +84,17 @@ GRID: list[Config] = [
     Config("tagger", 8, "sm3"),
     Config("tagger", 8, "sm3-m0.9", precision="bf16-autocast"),
     Config("tagger", 4, "adafactor"),
+]
+# with --step-in-backward, also: benchmarks/step_in_backward.py's GPT 6x512 (vocab 8192) at batch 1x128, where the
+# gradients (108 MiB) are most of the ordinary peak, and small batches of the grid's models
+IN_BACKWARD_EXTRA: list[Config] = [
+    Config("gpt6x512", 1, "adam"),
+    Config("gpt6x512", 1, "sm3"),
+    Config(
+        "gpt6x512", 4, "sm3", remat=0.5
+    ),  # the ordinary step cannot reach 50% (its gradients are inside it)
+    Config("gpt", 2, "adam", remat=0.5),
+    Config("tagger", 1, "sm3-m0.9"),
 ]
 QUICK = [
     "tagger/b4/adam/remat-0.5/fp32",
@@ -145,6 +162,12 @@ def build(arch: str, batch: int) -> tuple[nn.Module, Any, Any]:
         spec = get_model("small")
         x = torch.randint(0, 256, (batch, 128), generator=g)
         return spec.build(), spec.loss_fn, (x, torch.roll(x, -1, dims=1))
+    if arch == "gpt6x512":
+        from memfit.models._gpt import GPT, GPTConfig, lm_loss
+
+        model = GPT(GPTConfig(n_layer=6, n_head=8, n_embd=512, vocab_size=8192, block_size=256))
+        x = torch.randint(0, 8192, (batch, 128), generator=g)
+        return model, lm_loss, (x, torch.randint(0, 8192, (batch, 128), generator=g))
     if arch == "tagger":
         ids = torch.randint(0, 512, (batch, 256), generator=g)
         mask = (torch.rand(batch, 256, generator=g) > 0.1).float()
@@ -166,8 +189,10 @@ def _reset_hwm() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def measure(cfg: Config, *, device: str = "cpu", steps: int = 5) -> dict[str, Any]:
-    """Plan ``cfg`` with ``memfit.plan.estimate``, then run it for real and measure (see the module docstring)."""
+def measure(cfg: Config, *, device: str = "cpu", steps: int = 5, in_backward: bool = False) -> dict[str, Any]:
+    """Plan ``cfg`` with ``memfit.plan.estimate``, then run it for real and measure (see the module docstring).
+
+    ``in_backward``: plan and run the step with the optimizer step inside the backward."""
     import gc
 
     from memfit import remat
@@ -184,9 +209,11 @@ def measure(cfg: Config, *, device: str = "cpu", steps: int = 5) -> dict[str, An
         remat=(cfg.remat,),
         precision=cfg.precision,
         device=device,
+        step_in_backward=in_backward,
     )
     plan_s = time.perf_counter() - t0
-    row = est.rows[0]
+    row = est.row(cfg.optimizer, cfg.remat, grads_resident=not in_backward)
+    ordinary = next((r for r in est.rows if r.grads_resident and r.remat == cfg.remat), None)
     del model
     gc.collect()
     rss0, _ = _rss()
@@ -208,8 +235,12 @@ def measure(cfg: Config, *, device: str = "cpu", steps: int = 5) -> dict[str, An
         with torch.autocast(device, dtype=autocast):
             return loss_fn(m, b)
 
-    rstep = remat.compile(model, run_loss, batch, budget=cfg.remat) if cfg.remat is not None else None
     opt = make_optimizer(cfg.optimizer, model.parameters())
+    if in_backward:
+        from memfit.optim import step_in_backward
+
+        step_in_backward(opt)  # before compile: the schedule consumes each gradient
+    rstep = remat.compile(model, run_loss, batch, budget=cfg.remat) if cfg.remat is not None else None
 
     def step() -> None:
         if rstep is not None:
@@ -260,14 +291,21 @@ def measure(cfg: Config, *, device: str = "cpu", steps: int = 5) -> dict[str, An
         "median_step_s": statistics.median(times),
         "step_times_s": times,
         "step_overhead": row.step_overhead,
+        "grads_resident": row.grads_resident,
+        "ordinary_predicted_bytes": ordinary.peak_bytes if ordinary is not None and in_backward else None,
         "plan_seconds": plan_s,
         "threads": torch.get_num_threads(),
     }
 
 
-def _worker(name: str, device: str, steps: int) -> None:
-    cfg = next(c for c in GRID if c.name == name)
-    print(json.dumps(measure(cfg, device=device, steps=steps)))
+def _worker(name: str, device: str, steps: int, in_backward: bool) -> None:
+    cfg = next(c for c in (*GRID, *IN_BACKWARD_EXTRA) if c.name == name)
+    row = measure(cfg, device=device, steps=steps, in_backward=in_backward)
+    if (
+        row["ordinary_predicted_bytes"] is not None
+    ):  # the ordinary step of the same configuration, for the drop
+        row["ordinary_measured_bytes"] = measure(cfg, device=device, steps=1)["measured_bytes"]
+    print(json.dumps(row))
 
 
 def main() -> None:
@@ -278,19 +316,30 @@ def main() -> None:
     ap.add_argument(
         "--steps", type=int, default=5, help="timed steps per configuration (the fastest is compared)"
     )
+    ap.add_argument(
+        "--step-in-backward",
+        action="store_true",
+        help="the optimizer step inside the backward (see the docstring)",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.worker:
-        _worker(args.worker, args.device, args.steps)
+        _worker(args.worker, args.device, args.steps, args.step_in_backward)
         return
+    if args.out is None:
+        args.out = str(
+            RESULTS.with_name("plan_accuracy_step_in_backward.json") if args.step_in_backward else RESULTS
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device on this machine")
-    names = args.only or (QUICK if args.quick else [c.name for c in GRID])
+    grid = [*GRID, *IN_BACKWARD_EXTRA] if args.step_in_backward else GRID
+    names = args.only or (QUICK if args.quick else [c.name for c in grid])
     rows = []
     for name in names:
         out = subprocess.run(
-            [sys.executable, __file__, "--worker", name, "--device", args.device, "--steps", str(args.steps)],
+            [sys.executable, __file__, "--worker", name, "--device", args.device, "--steps", str(args.steps),
+             *(["--step-in-backward"] if args.step_in_backward else [])],
             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
         )  # fmt: skip
         if out.returncode != 0:
@@ -318,6 +367,17 @@ def main() -> None:
             abs(r["predicted_step_s"] / r["measured_step_s"] - 1) <= 0.2 for r in timed
         ),
     }
+    drops = [r for r in ok if r.get("ordinary_predicted_bytes") is not None]
+    if drops:  # predicted drop - measured drop, as a fraction of the measured ordinary peak
+        gaps = [
+            (
+                (r["ordinary_predicted_bytes"] - r["predicted_bytes"])
+                - (r["ordinary_measured_bytes"] - r["measured_bytes"])
+            )
+            / r["ordinary_measured_bytes"]
+            for r in drops
+        ]
+        summary["worst_drop_error"] = max(gaps, key=abs)
     print(json.dumps(summary, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
@@ -343,9 +403,15 @@ def _line(r: dict[str, Any]) -> str:
         if r["predicted_step_s"]
         else "time -"
     )
+    drop = ""
+    if r.get("ordinary_predicted_bytes") is not None:
+        drop = (
+            f"; drop from ordinary {(r['ordinary_predicted_bytes'] - r['predicted_bytes']) / mib:6.2f} / "
+            f"{(r['ordinary_measured_bytes'] - r['measured_bytes']) / mib:6.2f} MiB"
+        )
     return (
         f"{r['config']:45s} peak {r['predicted_bytes'] / mib:8.1f} / {r['measured_bytes'] / mib:8.1f} MiB "
-        f"({r['error']:+6.1%}); RSS growth {r['rss_growth_bytes'] / mib:8.1f} MiB ({r['rss_error']:+6.1%}); {t}"
+        f"({r['error']:+6.1%}); RSS growth {r['rss_growth_bytes'] / mib:8.1f} MiB ({r['rss_error']:+6.1%}); {t}{drop}"
     )
 
 

@@ -96,6 +96,9 @@ def _check(build, loss_fn, batch, optimizers, remat, *, tol=0.05):
                 assert abs(gap) <= tol, (opt, r, ib, row.peak_bytes, meas[ib])
             predicted_drop = ordinary.peak_bytes - inside.peak_bytes
             measured_drop = meas[False] - meas[True]
+            print(
+                f"{opt} remat={r}: drop predicted {predicted_drop} B, measured {measured_drop} B, of {grad_bytes} B"
+            )
             assert abs(predicted_drop - measured_drop) <= tol * meas[False], (
                 opt,
                 r,

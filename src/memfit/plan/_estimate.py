@@ -31,7 +31,13 @@ from torch.utils import _pytree as pytree
 
 from memfit.memory import MemoryReport, format_bytes
 from memfit.models import GPT, ModelSpec, get_model
-from memfit.plan._in_backward import ConsumedRemat, consumed_remat_plans, step_timeline, timeline_curve
+from memfit.plan._in_backward import (
+    ConsumedRemat,
+    consumed_remat_plans,
+    sliced_consumed_plans,
+    step_timeline,
+    timeline_curve,
+)
 from memfit.plan._optimizers import OPTIMIZERS, UpdateTrace, settings, trace_param_updates, trace_update
 from memfit.plan._rows import Estimate, PlanRow, parse_bytes
 from memfit.plan._search import PeakCurve, largest_batch
@@ -188,7 +194,7 @@ def estimate(
         est.notes.append(f"no step times: this machine cannot calibrate {dev}")
     plans, ib_plans = _remat_plans(
         work, precision, autocast, dev, remat, fb, resident + batch_bytes, method, est.notes, say,
-        step_in_backward,
+        consumed[0] if consumed else None, net,
     )  # fmt: skip
 
     for name in optimizers:
@@ -462,10 +468,12 @@ def _remat_plans(
     method: str,
     notes: list[str],
     say: Callable[[str], None],
-    in_backward: bool = False,
+    consumed_fb: MemoryReport | None = None,
+    full_net: nn.Module | None = None,
 ) -> tuple[dict[float, tuple[int, int, float]], dict[float, ConsumedRemat]]:
     """budget -> (peak beyond inputs, gradients resident at that peak, compute overhead) of each feasible budget;
-    with ``in_backward``, also budget -> the schedule with the gradients consumed in the backward."""
+    with ``consumed_fb`` (the forward + backward traced with the step inside it), also budget -> the schedule with
+    the gradients consumed in the backward."""
     budgets = [r for r in remat if r is not None]
     if not budgets:
         return {}, {}
@@ -503,13 +511,23 @@ def _remat_plans(
     base = _remat.solve(graph, None, method="noremat").simulate()
     noninput = base.peak - inputs
     if sliced:
-        if in_backward:
-            notes.append(
-                "remat rows with the step in the backward: not planned for a GPT preset deeper than "
-                f"{_REMAT_LAYERS} blocks (its schedule is solved on a slice); the no-remat ones are"
+        assert work.gpt is not None
+        ib_sliced: dict[float, ConsumedRemat] = {}
+        if consumed_fb is not None and full_net is not None:
+            boundary = work.batch_size * (work.seq_len or 1) * work.gpt.n_embd * 4
+            ib_sliced = sliced_consumed_plans(
+                captured,
+                [p for p in full_net.parameters() if p.requires_grad],
+                budgets,
+                method,
+                consumed_fb.total_peak_bytes - inputs_resident,
+                (work.gpt.n_layer - _REMAT_LAYERS) * boundary,
+                notes,
             )
-        return _sliced_plans(work, graph, inputs, budgets, fb, inputs_resident, method, notes), {}
-    ib_plans = consumed_remat_plans(captured, net, budgets, method, notes, say) if in_backward else {}
+        return _sliced_plans(work, graph, inputs, budgets, fb, inputs_resident, method, notes), ib_sliced
+    ib_plans = {}
+    if consumed_fb is not None:
+        ib_plans = consumed_remat_plans(captured, net, budgets, method, notes, say)
     plans: dict[float, tuple[int, int, float]] = {}
     for b in budgets:
         say(f"solving remat at {b:.0%}")

@@ -17,7 +17,8 @@ state, and the update's own temporaries (for one parameter). Predicted two ways,
   active, and the solver schedules each gradient to die after its update. The budget is a fraction of *this*
   step's no-remat memory beyond inputs (what ``compile(budget=0.5)`` means with the hooks active). The
   schedule's memory after every event + the state, + the update's temporaries at each update event, gives the
-  peak.
+  peak. A GPT preset deeper than the remat slice follows the ordinary rows' rule for it
+  (:func:`sliced_consumed_plans`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from memfit.memory import MemoryReport, format_bytes
 from memfit.plan._optimizers import ParamUpdates, param_key
 from memfit.plan._search import PeakCurve
 
-__all__ = ["ConsumedRemat", "StepTimeline", "consumed_remat_plans", "step_timeline"]
+__all__ = ["ConsumedRemat", "StepTimeline", "consumed_remat_plans", "sliced_consumed_plans", "step_timeline"]
 
 
 @dataclass
@@ -159,6 +160,65 @@ def consumed_remat_plans(
             memory=np.asarray(sim.memory, dtype=np.int64) - inputs,
             updates=upd,
             grads=grads,
+            overhead=sim.cost / base_sim.cost if base_sim.cost else 1.0,
+        )
+    return plans
+
+
+def sliced_consumed_plans(
+    captured: Any,
+    full_params: Sequence[torch.Tensor],
+    budgets: Sequence[float],
+    method: str,
+    full_noninput: int,
+    further_blocks: int,
+    notes: list[str],
+) -> dict[float, ConsumedRemat]:
+    """In-backward remat of a deep GPT from its slice, by the rule of the ordinary rows (``_sliced_plans``).
+
+    Peak beyond inputs = budget x the full model's in-backward no-remat memory beyond inputs (``full_noninput``),
+    feasible above the slice's least memory with its gradients consumed + ``further_blocks`` (one block input per
+    further block); the overhead is the slice's at the same fraction (or at its least memory). The update
+    temporaries of the largest parameter are counted at the peak (an upper bound: where the updates fall in the
+    full model's schedule is not known).
+
+    Args:
+        captured: the slice's captured step.
+        full_params: the full model's parameters (their shapes give the update temporaries).
+        budgets: fractions of ``full_noninput``.
+        method: the remat solver.
+        full_noninput: bytes beyond inputs of the full model's in-backward step without recomputation.
+        further_blocks: bytes the blocks beyond the slice add to the least memory.
+        notes: infeasible budgets are noted here.
+    """
+    from memfit import remat as _remat
+    from memfit.remat.eager.updates import sink_gradients
+
+    consumed = sink_gradients(captured, captured.param_names)
+    inputs = consumed.graph.input_bytes
+    base_sim = consumed.solve(None, "noremat").simulate()
+    slice_noninput = base_sim.peak - inputs
+    try:
+        consumed.solve(inputs + 1, method)
+        slice_min = 1
+    except _remat.InfeasibleBudget as exc:
+        slice_min = exc.min_peak - inputs
+    full_min = slice_min + further_blocks
+    plans: dict[float, ConsumedRemat] = {}
+    for b in budgets:
+        target = int(b * full_noninput)
+        if target < full_min:
+            notes.append(
+                f"remat {b:.0%}, step in backward: infeasible (needs at least ~{format_bytes(full_min)} beyond "
+                f"inputs, {full_min / max(full_noninput, 1):.0%} of no remat in backward)"
+            )
+            continue
+        sched = consumed.solve(inputs + max(int(b * slice_noninput), int(slice_min * 1.02)), method)
+        sim = sched.simulate()
+        plans[b] = ConsumedRemat(
+            memory=np.array([target], dtype=np.int64),
+            updates=[(0, p) for p in full_params],  # every update may fall at the peak
+            grads=np.zeros(1, dtype=np.int64),
             overhead=sim.cost / base_sim.cost if base_sim.cost else 1.0,
         )
     return plans
