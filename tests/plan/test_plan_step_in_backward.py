@@ -201,3 +201,17 @@ def test_cli_step_in_backward_with_a_grad_scaler_is_one_clear_line(capsys):
     assert "fp16-autocast" in err and "GradScaler" in err and "bf16-autocast" in err
     with pytest.raises(PlanInputError, match="fp16-autocast"):
         estimate("tiny", 1, 16, precision="fp16-autocast", step_in_backward=True)
+
+
+def test_largest_batch_with_the_step_in_the_backward_is_the_largest_that_fits_when_measured():
+    peaks = {
+        b: _measured(_mlp, _xent, _mlp_batch(b), "adam", None, True).total_peak_bytes for b in range(40, 48)
+    }
+    limit = (peaks[43] + peaks[44]) // 2
+    assert peaks[43] < limit < peaks[44], peaks
+    est = estimate(
+        _mlp(), _xent, _mlp_batch(40), memory=limit, optimizers=("adam",), remat=(None,), timing=False,
+        step_in_backward=True,
+    )  # fmt: skip
+    row = est.row("adam", None, grads_resident=False)
+    assert row.max_batch == 43, (row.max_batch, peaks, limit)
