@@ -118,6 +118,8 @@ class MemfitBackend:
         self.rates = rates
         self.refine = refine and budget is not None and compiler == "inductor"
         self._scale = 1.0
+        # the refining compile's budget in bytes, as the first compile resolved it
+        self._budget_bytes: int | None = None
         if compiler not in ("inductor", "aot_eager"):
             raise ValueError(f"compiler must be 'inductor' or 'aot_eager', got {compiler!r}")
         self.compiler = compiler
@@ -161,6 +163,7 @@ class MemfitBackend:
         # is known here.
         patch = inductor_config.patch(custom_partitioner_fn=_make_partitioner(self))
         self._scale = 1.0
+        self._budget_bytes = None
         with patch, _compat.eager_backward_compile(), _compat.no_autograd_cache():
             first = compile_fx(
                 copy.deepcopy(gm) if self.refine else gm, example_inputs, inner_compile=self._inner_compile
@@ -186,9 +189,19 @@ class MemfitBackend:
             # inductor's config: fusion._layout_opt).
             layout_off = over and plan.layout_copy_bytes > 0
             self._scale = _AIM * plan.predicted_peak_bytes / plan.compiled_peak_bytes
+            # the budget in bytes as the first compile resolved it (a fraction is of torch's partition as inductor
+            # would otherwise build it, layout copies included)
+            self._budget_bytes = plan.budget_bytes
             self.plans.pop()
-            with inductor_config.patch(layout_optimization=False) if layout_off else contextlib.nullcontext():
-                second = compile_fx(gm, example_inputs, inner_compile=self._inner_compile)
+            try:
+                with (
+                    inductor_config.patch(layout_optimization=False)
+                    if layout_off
+                    else contextlib.nullcontext()
+                ):
+                    second = compile_fx(gm, example_inputs, inner_compile=self._inner_compile)
+            finally:
+                self._budget_bytes = None
             again = self.plans[-1]
             if again.compiled_peak_bytes is not None and (
                 again.compiled_peak_bytes <= plan.compiled_peak_bytes
@@ -196,7 +209,12 @@ class MemfitBackend:
                 else again.compiled_peak_bytes <= plan.budget_bytes
                 and again.recompute_cost_s < plan.recompute_cost_s
             ):
-                self.plans[-1] = dataclasses.replace(again, refined=True, layout_optimization_off=layout_off)
+                self.plans[-1] = dataclasses.replace(
+                    again,
+                    refined=True,
+                    layout_optimization_off=layout_off,
+                    full_peak_bytes=plan.full_peak_bytes,  # torch's partition as torch.compile builds it
+                )
                 self._warn_layout_copies(self.plans[-1])
                 return second
             self.plans[-1] = plan
@@ -286,7 +304,7 @@ class MemfitBackend:
             joint_inputs,
             min_cut,
             kwargs,
-            budget=self.budget,
+            budget=self.budget if self._budget_bytes is None else self._budget_bytes,
             scale=self._scale,
             rates=self.rates,
             fused=self._fused,

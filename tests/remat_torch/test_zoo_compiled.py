@@ -1,0 +1,131 @@
+"""The model zoo (``zoo.py``) on the compiled path: ``torch.compile(..., backend=memfit.remat.backend(budget=0.5))``
+on CPU inductor, each model as a user writes it (attention masks with padding, BERT's tied decoder bias, dropout
+where the config has it, BatchNorm in train mode), nothing edited for memfit (issue 13, item 5, compiled side).
+
+For BERT, Llama and ResNet-18 (the zoo's ``"small"`` sizes), in a child process (``_compiled_rss.py``: one thread,
+glibc's mmap threshold at 64 KiB so that process RSS follows the live tensors):
+
+- the first compiled step's loss and gradients equal eager autograd's from the same state (dropout set to 0 for this
+  comparison: inductor draws its masks from its own generator, not eager's), and buffers (BatchNorm running
+  statistics, ``num_batches_tracked``) are updated exactly once, to eager's values;
+- inductor's buffer plan of the step (``CompiledPlan.compiled_peak_bytes``, read from the code inductor generated)
+  is within 5% of the step's measured peak RSS, with dropout as the model has it.
+
+Each case compiles two or three times (30-70 s each on the 2-core CPU): ``slow``. One fast test checks the replay
+of inductor's wrapper (``memfit._compat.inductor_wrapper_plan``) on the forms a convnet's graphs take.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .zoo import BUILDERS
+
+HERE = Path(__file__).resolve().parent
+BUDGET = 0.5
+
+
+def _child(name: str, *flags: str) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(HERE / "_compiled_rss.py"), f"zoo:{name}", "inductor", str(BUDGET), *flags],
+        capture_output=True, text=True, env=env, timeout=1200, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return row
+
+
+def _eager(name: str) -> tuple[torch.Tensor, dict, dict]:
+    """Eager autograd's loss, gradients and buffers after one step, dropout off, generator seeded as the child."""
+    model, loss_fn, batch = BUILDERS[name]("small")
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    torch.manual_seed(7)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, dict(model.named_buffers())
+
+
+def _has_dropout(name: str) -> bool:
+    model, _, _ = BUILDERS[name]("tiny")
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def _within(plan: dict, measured: int, name: str) -> None:
+    compiled = plan["compiled_peak_bytes"]
+    assert compiled is not None, name
+    assert abs(compiled - measured) <= 0.05 * measured, (name, compiled / 2**20, measured / 2**20)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "llama", "resnet18"])
+def test_zoo_model_on_the_compiled_path(name, tmp_path):
+    saved = tmp_path / "step.pt"
+    row = _child(name, "--no-dropout", "--save", str(saved))
+    got = torch.load(saved)
+    ref_loss, ref_grads, ref_buffers = _eager(name)
+    torch.testing.assert_close(got["loss"], ref_loss, rtol=1e-4, atol=1e-5, msg=name)
+    assert got["grads"].keys() == ref_grads.keys(), name
+    for n, g in got["grads"].items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-3, atol=1e-4, msg=f"{name} {n}")
+    assert got["buffers"].keys() == ref_buffers.keys(), name
+    for n, b in got["buffers"].items():
+        torch.testing.assert_close(b, ref_buffers[n], msg=f"{name} buffer {n}")  # updated once, as eager
+    if "resnet18" in name:
+        counts = [b for n, b in got["buffers"].items() if n.endswith("num_batches_tracked")]
+        assert counts and all(int(c) == 1 for c in counts), name
+    (plan,) = row["plans"]
+    if _has_dropout(name):  # the memory as the user runs it: dropout on
+        row = _child(name)
+        (plan,) = row["plans"]
+    _within(plan, row["measured"], name)
+
+
+# the forward of a convolution under CPU inductor's layout optimisation (torch 2.13's codegen, trimmed): the weight
+# and the batch are copied to channels-last, the convolution is an extern kernel, and the forward returns the weight's
+# copy (buf0) in the weight's place as a saved value, a view of its own buffer, and the batch (an input) itself
+_INDUCTOR_FORWARD = """
+    def call(self, args):
+        primals_1, primals_2 = args
+        args.clear()
+        assert_size_stride(primals_1, (16, 8, 3, 3), (72, 9, 3, 1), 'input')
+        buf0 = empty_strided_cpu((16, 8, 3, 3), (72, 1, 24, 8), torch.float32)
+        assert_size_stride(primals_2, (2, 8, 8, 8), (512, 64, 8, 1), 'input')
+        buf1 = empty_strided_cpu((2, 8, 8, 8), (512, 1, 64, 8), torch.float32)
+        cpp_fused_0(primals_1, primals_2, buf0, buf1)
+        del primals_1
+        # Topologically Sorted Source Nodes: [conv2d]
+        buf2 = extern_kernels.convolution(buf1, buf0, stride=(1, 1), padding=(1, 1), dilation=(1, 1), transposed=False, output_padding=(0, 0), groups=1, bias=None)
+        assert_size_stride(buf2, (2, 16, 8, 8), (1024, 1, 128, 16), 'torch.ops.aten.convolution.default')
+        del buf1
+        buf3 = empty_strided_cpu((2, 16, 8, 8), (1024, 1, 128, 16), torch.float32)
+        cpp_fused_relu_1(buf2, buf3)
+        return (reinterpret_tensor(buf3, (2048, ), (1, ), 0), buf0, primals_2, buf2, None, )
+"""
+
+
+def test_inductor_wrapper_plan_counts_layout_copies_and_onednn_scratch():
+    from memfit import _compat
+
+    weight, batch, out = 16 * 8 * 3 * 3 * 4, 2 * 8 * 8 * 8 * 4, 2 * 16 * 8 * 8 * 4
+    args = {"primals_1": 0, "primals_2": 0}  # parameters and the batch exist before the step
+    plain = _compat.inductor_wrapper_plan(_INDUCTOR_FORWARD, args)
+    assert plain is not None
+    # the two copies and the convolution's output; then the input's copy is freed and the relu's output allocated
+    assert plain.peak == max(weight + batch + out, weight + 2 * out)
+    # returned: the relu's output (a view of buf3), the weight's copy, the batch itself (0), the conv output, None
+    assert plain.returned == (out, weight, 0, out, 0)
+    scratch = _compat.inductor_wrapper_plan(_INDUCTOR_FORWARD, args, onednn_scratch=True)
+    assert scratch is not None
+    # inside the convolution's call: its output and oneDNN's copy of the weight (channels-last input)
+    assert scratch.peak == weight + batch + out + weight
+    assert _compat.inductor_wrapper_peak(_INDUCTOR_FORWARD, args) == plain.peak
