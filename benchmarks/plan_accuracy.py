@@ -283,7 +283,9 @@ def measure(cfg: Config, *, device: str = "cpu", steps: int = 5, in_backward: bo
         "tracker_bytes": rep.total_peak_bytes,
         "rss_growth_bytes": hwm - rss0,
         "error": row.peak_bytes / measured - 1,
-        "rss_error": row.peak_bytes / (hwm - rss0) - 1,
+        "rss_error": row.peak_bytes / (hwm - rss0) - 1
+        if hwm > rss0
+        else None,  # None: the peak RSS did not grow
         "predicted_breakdown": row.breakdown,
         "measured_breakdown": dict(rep.peak_breakdown),
         "predicted_step_s": row.step_seconds,
@@ -359,7 +361,9 @@ def main() -> None:
         "worst_config": worst["config"] if worst else None,
         "within_5_percent": sum(abs(r["error"]) <= 0.05 for r in ok),
         "within_3_percent": sum(abs(r["error"]) <= 0.03 for r in ok),
-        "worst_rss_error": max((r["rss_error"] for r in ok), key=abs) if ok else None,
+        "worst_rss_error": max(
+            (r["rss_error"] for r in ok if r["rss_error"] is not None), key=abs, default=None
+        ),
         "median_time_ratio": statistics.median(r["predicted_step_s"] / r["measured_step_s"] for r in timed)
         if timed
         else None,
@@ -403,6 +407,7 @@ def _line(r: dict[str, Any]) -> str:
         if r["predicted_step_s"]
         else "time -"
     )
+    rss = "-" if r["rss_error"] is None else f"{r['rss_error']:+6.1%}"
     drop = ""
     if r.get("ordinary_predicted_bytes") is not None:
         drop = (
@@ -411,7 +416,7 @@ def _line(r: dict[str, Any]) -> str:
         )
     return (
         f"{r['config']:45s} peak {r['predicted_bytes'] / mib:8.1f} / {r['measured_bytes'] / mib:8.1f} MiB "
-        f"({r['error']:+6.1%}); RSS growth {r['rss_growth_bytes'] / mib:8.1f} MiB ({r['rss_error']:+6.1%}); {t}{drop}"
+        f"({r['error']:+6.1%}); RSS growth {r['rss_growth_bytes'] / mib:8.1f} MiB ({rss}); {t}{drop}"
     )
 
 

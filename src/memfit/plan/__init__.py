@@ -11,7 +11,8 @@ memfit's own models. See ``docs/plan.md`` for how each figure is obtained and ho
 
 Modules: ``_workload`` (model, loss, batch, precision), ``_trace`` (fake-tensor tracing, op costs),
 ``_optimizers`` (the optimizers compared, their state and update), ``_search`` (the largest batch),
-``_rows`` (rows, estimate, table), ``_estimate`` (the plan itself).
+``_rows`` (rows, estimate, table), ``_estimate`` (the plan itself), ``_in_backward`` (rows with the optimizer step
+inside the backward, ``estimate(..., step_in_backward=True)``).
 """
 
 from memfit.plan._estimate import DEFAULT_OPTIMIZERS, estimate

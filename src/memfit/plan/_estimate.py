@@ -15,6 +15,8 @@ How each figure is obtained (see ``docs/plan.md``):
 - **largest batch**: two traces give the memory at every timeline point as a line in the batch size
   (:mod:`memfit.plan._search`); the largest batch whose peak fits is found by bisection.
 - **time**: every traced op at calibrated rates (:func:`memfit.remat.calibrate`): FLOPs, bytes moved, dispatch.
+- **step inside the backward** (``step_in_backward=True``): rows with each gradient freed at its update
+  (:mod:`memfit.plan._in_backward`).
 """
 
 from __future__ import annotations
