@@ -33,6 +33,13 @@ _EXTERN = frozenset(
 )  # fmt: skip
 
 
+# Tensor factories inductor lowers to a constant or index expression of its loops (``tensor_constructor``,
+# ``iota``): computed inside each kernel that reads them, as a pointwise value that reads no buffer is. An
+# embedding's gradient, ``index_put(full(0), ...)``, is then one buffer (inductor clones the inlined zeros into the
+# buffer it scatters into), not two.
+_CONSTANT = frozenset({"full", "zeros", "ones", "scalar_tensor", "iota", "arange"})
+
+
 def _hint(x: Any) -> int:
     """A size as an int: a symbolic one (dynamic shapes) by the example value dynamo traced with."""
     if not isinstance(x, torch.SymInt):
@@ -64,6 +71,8 @@ def _kind(node: fx.Node) -> str:
         return "getitem"
     if _name(node) in _EXTERN:
         return "extern"
+    if _name(node) in _CONSTANT and not node.all_input_nodes:
+        return "pointwise"
     tags = getattr(node.target, "tags", ())
     if torch.Tag.pointwise in tags:
         return "pointwise"

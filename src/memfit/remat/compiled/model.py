@@ -376,7 +376,8 @@ def _graph_peak(
     fw_kind = {n: _kind(n) for n in fw_nodes}
     fw_owner = _owners(fw_nodes, fw_kind)
     fw_out = next(n for n in fw_gm.graph.nodes if n.op == "output")
-    saved = [a for a in pytree.tree_leaves(fw_out.args[0]) if isinstance(a, fx.Node)][num_fwd_outputs:]
+    outputs = [a for a in pytree.tree_leaves(fw_out.args[0]) if isinstance(a, fx.Node)]
+    saved = outputs[num_fwd_outputs:]
     # inductor's channels-last copies of the forward's inputs: made at its start, saved in the inputs' place
     copies = _layout_copies(fw_nodes) if fused else {}
     channels_last = fused and _layout_opt(fw_nodes)
@@ -394,13 +395,26 @@ def _graph_peak(
         seen.add(root)
         carried[a.name] = size
     fw_peak, _ = _run_peak(
-        fw_nodes, fw_kind, fw_owner, keep=set(saved), carry=copies, fused=fused, channels_last=channels_last
+        # what the forward returns (the loss, logits, a cache) lives to its end as well as what it saves
+        fw_nodes,
+        fw_kind,
+        fw_owner,
+        keep=set(outputs),
+        carry=copies,
+        fused=fused,
+        channels_last=channels_last,
     )
     bw_nodes = [n for n in bw_gm.graph.nodes if n.op != "output"]
     bw_kind = {n: _kind(n) for n in bw_nodes}
     bw_out = next(n for n in bw_gm.graph.nodes if n.op == "output")
     grads = {a for a in pytree.tree_leaves(bw_out.args[0]) if isinstance(a, fx.Node)}
-    carry = {n: carried[n.name] for n in bw_nodes if n.op == "placeholder" and n.name in carried}
+    # the backward's other inputs are the gradients of what the forward returned (a logits' gradient from the
+    # next graph's backward, zeros for an unused cache), live until their last reader
+    carry = {
+        n: carried[n.name] if n.name in carried else _nbytes(n.meta.get("val"))
+        for n in bw_nodes
+        if n.op == "placeholder"
+    }
     bw_peak, _ = _run_peak(
         bw_nodes,
         bw_kind,
