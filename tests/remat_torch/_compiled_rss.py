@@ -3,6 +3,7 @@ measure each step's peak by process RSS (run with MALLOC_MMAP_THRESHOLD_ so that
 freed).
 
     python _compiled_rss.py MODEL COMPILER BUDGET [BUDGET ...] [--layout-opt 0|1] [--no-dropout] [--save FILE]
+    python _compiled_rss.py conv-scratch
 
 MODEL: ``mlp``, ``gpt``, or a zoo model as ``zoo:NAME`` (``zoo.py``'s ``"small"`` size) or ``zoo:NAME:SIZE``.
 COMPILER: ``inductor`` or ``aot_eager`` (memfit's backend with that compiler), ``torch`` (``torch.compile``'s own
@@ -59,7 +60,49 @@ def build(name: str):
     raise ValueError(name)
 
 
+def conv_scratch() -> None:
+    """``python _compiled_rss.py conv-scratch``: the peak RSS of single oneDNN convolution calls (forward and
+    backward, batch 16, both layouts) and the bytes of their outputs, one JSON line per shape: what
+    ``memfit._compat.inductor_wrapper_plan``'s ``onednn_scratch`` rule restates."""
+    torch.set_num_threads(1)
+
+    def peak(f):
+        f()  # warm: oneDNN's primitive caches
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _rss("VmRSS")
+        out = f()
+        outputs = sum(o.numel() * o.element_size() for o in out if o is not None)
+        return _rss("VmHWM") - before, outputs
+
+    for cl in (False, True):
+        for ci, co, hw, k, s in [
+            (512, 512, 2, 3, 1),
+            (256, 512, 4, 3, 2),
+            (256, 256, 4, 3, 1),
+            (128, 128, 8, 3, 1),
+        ]:
+            x, w = torch.randn(16, ci, hw, hw), torch.randn(co, ci, k, k)
+            if cl:
+                x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
+            conv = (None, (s, s), (k // 2, k // 2), (1, 1), False, (0, 0), 1)
+            y = torch.ops.aten.convolution.default(x, w, *conv)
+            g = torch.randn_like(y)
+            fwd = peak(lambda x=x, w=w, conv=conv: (torch.ops.aten.convolution.default(x, w, *conv),))
+            bwd = peak(
+                lambda g=g, x=x, w=w, conv=conv: torch.ops.aten.convolution_backward.default(
+                    g, x, w, [0], *conv[1:], [True, True, False]
+                )
+            )
+            row = {"channels_last": cl, "shape": [16, ci, hw, hw], "weight": list(w.shape), "stride": s,
+                   "weight_bytes": w.numel() * 4, "out_bytes": y.numel() * 4,
+                   "fwd_peak": fwd[0], "fwd_outputs": fwd[1], "bwd_peak": bwd[0], "bwd_outputs": bwd[1]}  # fmt: skip
+            print(json.dumps(row), flush=True)
+
+
 def main() -> None:
+    if sys.argv[1:] == ["conv-scratch"]:
+        conv_scratch()
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("compiler", choices=["inductor", "aot_eager", "torch", "eager"])
