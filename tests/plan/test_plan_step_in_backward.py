@@ -215,3 +215,23 @@ def test_largest_batch_with_the_step_in_the_backward_is_the_largest_that_fits_wh
     )  # fmt: skip
     row = est.row("adam", None, grads_resident=False)
     assert row.max_batch == 43, (row.max_batch, peaks, limit)
+
+
+@pytest.mark.skipif(torch.backends.cuda.is_built(), reason="checks a torch built without CUDA")
+def test_cli_cuda_device_without_a_cuda_build_is_one_clear_line(capsys):
+    # it aborted the process (c10::Error from the autograd engine's device guard) before this check
+    argv = [
+        "plan",
+        "--model",
+        "tiny",
+        "--batch",
+        "1x16",
+        "--remat",
+        "none",
+        "--device",
+        "cuda",
+        "--step-in-backward",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "built without CUDA" in err and "cpu" in err

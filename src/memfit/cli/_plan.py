@@ -75,7 +75,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--memory", default=None, help="the limit, e.g. 24GiB, 80GB")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument(
-        "--device", default=None, help="the device planned for (default cpu; cuda works without a GPU)"
+        "--device",
+        default=None,
+        help="the device planned for (default cpu; cuda needs a CUDA build of torch, not a GPU)",
     )
     p.add_argument(
         "--optimizers",

@@ -115,7 +115,8 @@ def estimate(
         The :class:`Estimate`.
 
     Raises:
-        PlanInputError: a model, loss or batch the planner cannot use (the message says which), or
+        PlanInputError: a model, loss or batch the planner cannot use (the message says which), a ``cuda`` device
+            with a torch built without CUDA, or
             ``step_in_backward`` with ``"fp16-autocast"`` (a ``GradScaler`` must see every gradient before a step).
         ValueError: an unknown optimizer or precision, a bad budget, size or batch.
         memfit.remat.UnsupportedGraph: a remat setting was asked for and the step cannot be captured.
@@ -139,6 +140,12 @@ def estimate(
     limit = parse_bytes(memory) if memory is not None else None
     work = _workload(model, loss_fn, batch, batch_size)
     dev = torch.device(device) if device is not None else _device_of(model)
+    if dev.type == "cuda" and not torch.backends.cuda.is_built():
+        # fake CUDA tensors need no GPU, but a torch built with CUDA: without it the backward aborts the process
+        raise PlanInputError(
+            f"cannot plan for {dev}: this torch ({torch.__version__}) is built without CUDA; planning for cuda "
+            "needs a CUDA build of torch (no GPU needed), or plan for cpu"
+        )
     autocast = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}.get(precision)
     scaler = precision == "fp16-autocast"
     env = Env(
