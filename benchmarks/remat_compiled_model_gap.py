@@ -45,7 +45,7 @@ import zoo
 RESULTS = Path(__file__).resolve().parent / "results"
 PATH = RESULTS / "remat_compiled_model_gap.json"
 MODELS = [
-    "gpt2", "bert", "llama", "t5", "resnet18", "vit", "gpt_neox", "mixtral_batched_mm", "mamba",
+    "memfit_gpt", "gpt2", "bert", "llama", "t5", "resnet18", "vit", "gpt_neox", "mixtral_batched_mm", "mamba",
 ]  # fmt: skip
 BUDGETS = ["none", "0.7", "0.5", "least"]
 MIB = 2**20
@@ -68,10 +68,24 @@ def gpt2() -> zoo.Built:
     return transformers.GPT2LMHeadModel(cfg), zoo.hf_loss, {"input_ids": ids, "labels": ids}
 
 
+def memfit_gpt() -> zoo.Built:
+    """memfit's own GPT (``memfit.models.GPT``: 2 layers, d=128, weight-tied head), the docs' example, on 4 x 64
+    tokens."""
+    from memfit.models import GPT, GPTConfig, lm_loss
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (4, 65), generator=g)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=128))
+    return model, lm_loss, (ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+
+
 def build(name: str) -> zoo.Built:
     """The benchmark's shapes: the zoo's "small" models, LM batches of 2 x 64 tokens, ResNet-18 on 8 images."""
     if name == "gpt2":
         return gpt2()
+    if name == "memfit_gpt":
+        return memfit_gpt()
     model, loss_fn, batch = zoo.BUILDERS[name]("small")
     if name == "resnet18":
         x, y = batch
