@@ -98,13 +98,16 @@ def sink_gradients(captured: CapturedStep, names: Iterable[str]) -> ConsumedGrap
     sunk = {n: captured.grad_outputs[n] for n in names if n in captured.grad_outputs}
     sunk_positions = set(sunk.values())
     outputs: set[int] = set()
+    returned: set[int] = set()  # what the step's outputs hold resident, sunk or not
     for k, gid in enumerate(captured.output_ids):
-        if k in sunk_positions:
-            continue
-        outputs.add(gid)
         ref = captured.refs[gid]
-        if ref is not None and ref.view_of is not None:  # an output view keeps its base resident to the end
-            outputs.add(ref.view_of)
+        held = {gid} if ref is None or ref.view_of is None else {gid, ref.view_of}  # a view keeps its base
+        returned |= held
+        if k not in sunk_positions:
+            outputs |= held
+    # graph outputs that are not among the step's returned values stay outputs (the generator state after the
+    # last random op, which the lowering hands back so that the step leaves the RNG where eager does)
+    outputs |= {v for v in range(len(g)) if g.is_output(v) and v not in returned}
     new = Graph()
     for v in range(len(g)):
         got = new.add(
