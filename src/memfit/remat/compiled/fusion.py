@@ -40,6 +40,19 @@ _EXTERN = frozenset(
 _CONSTANT = frozenset({"full", "zeros", "ones", "scalar_tensor", "iota", "arange"})
 
 
+# Indexing ops inductor lowers to a pointwise loop with an indirect (or range-selected) load (``lowering.py``:
+# ``embedding``, ``index``, ``gather``, ``constant_pad_nd``, ``slice_scatter``, ``select_scatter``, ``index_select``;
+# its random ops ``inductor_random``/``inductor_lookup_seed``): inlined into their readers like any pointwise value,
+# not buffers of their own. Mixtral's ``batched_mm`` experts gather a weight per token (256 x 512 x 128 floats at
+# 2 x 64 tokens): inductor never stores it.
+_INDEXING = frozenset(
+    {
+        "embedding", "index", "_unsafe_index", "gather", "index_select", "constant_pad_nd", "slice_scatter",
+        "select_scatter", "inductor_random", "inductor_lookup_seed",
+    }
+)  # fmt: skip
+
+
 def _hint(x: Any) -> int:
     """A size as an int: a symbolic one (dynamic shapes) by the example value dynamo traced with."""
     if not isinstance(x, torch.SymInt):
@@ -70,8 +83,8 @@ def _kind(node: fx.Node) -> str:
             return "view"  # a piece of split/unbind/chunk: a view of the op's input
         return "getitem"
     if _name(node) in _EXTERN:
-        return "extern"
-    if _name(node) in _CONSTANT and not node.all_input_nodes:
+        return "other" if _dot_bmm(node) else "extern"
+    if _name(node) in _INDEXING or (_name(node) in _CONSTANT and not node.all_input_nodes):
         return "pointwise"
     tags = getattr(node.target, "tags", ())
     if torch.Tag.pointwise in tags:
@@ -79,6 +92,22 @@ def _kind(node: fx.Node) -> str:
     if _is_view(node):
         return "view"
     return "other"
+
+
+def _dot_bmm(node: fx.Node) -> bool:
+    """A CPU ``bmm`` with one row or one column per batch (``(B, 1, K) @ (B, K, N)`` or ``(B, M, K) @ (B, K, 1)``):
+    inductor lowers it as a multiply and a sum over K (``kernel/bmm.py``, ``tuned_bmm``: "decompose to small ops
+    when memory bound"), a reduction that loads its inputs inside its own loops, not an extern kernel."""
+    if _name(node) != "bmm" or len(node.args) < 2 or node.kwargs.get("out_dtype") is not None:
+        return False
+    a, b = (x.meta.get("val") if isinstance(x, fx.Node) else None for x in node.args[:2])
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() != 3 or b.dim() != 3:
+        return False
+    return (
+        a.device.type == "cpu"
+        and b.device.type == "cpu"
+        and (_hint(a.shape[1]) == 1 or _hint(b.shape[2]) == 1)
+    )
 
 
 def _view_base(node: fx.Node) -> fx.Node | None:
@@ -357,6 +386,8 @@ class _Fusion:
         kind = _kind(user)
         if kind == "extern":
             return False
+        if _dot_bmm(user):  # a multiply and a sum, though bmm is in needs_realized_inputs
+            return True
         if kind == "view":
             return all(self._fuses_inputs(u) for u in user.users)
         return kind == "pointwise" or self.rules.lowered(user.target)
