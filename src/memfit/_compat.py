@@ -32,6 +32,7 @@ __all__ = [
     "eager_backward_compile",
     "fake_tensor_mode",
     "inductor_graph_runs",
+    "inductor_layout_optimization",
     "inductor_partitioning",
     "inductor_wrapper_peak",
     "inductor_wrapper_plan",
@@ -509,6 +510,18 @@ def inductor_inline_rules() -> InlineRules:
             "other": acc_all or cfg("_realize_acc_reads_threshold_default", 8),
         },
         lowered=lowered,
+    )
+
+
+def inductor_layout_optimization() -> tuple[bool, bool]:
+    """``(layout_optimization, force_layout_optimization)`` of inductor's config as it is now (a ``config.patch``
+    in force included; torch 2.13's defaults, ``(True, False)``, where an attribute is missing)."""
+    try:
+        from torch._inductor import config
+    except ImportError:  # pragma: no cover - inductor ships with torch
+        return True, False
+    return bool(getattr(config, "layout_optimization", True)), bool(
+        getattr(config, "force_layout_optimization", False)
     )
 
 

@@ -221,11 +221,13 @@ def _layout_opt(nodes: Iterable[fx.Node]) -> bool:
     """Whether inductor turns on its layout optimisation for a graph of ``nodes``
     (``GraphLowering.decide_layout_opt``, torch/_inductor/graph.py, training graphs, default config): a graph with
     a convolution, on a CPU with oneDNN always; on other devices unless its convolutions are few for its size, grouped
-    with more than one input channel, or narrower out than in (``is_in_out_channel``)."""
-    from torch._inductor import config
-
-    if not getattr(config, "layout_optimization", True):  # off, as memfit's refining compile may turn it
-        return False
+    with more than one input channel, or narrower out than in (``is_in_out_channel``); never when inductor's
+    ``layout_optimization`` is off, always when ``force_layout_optimization`` is on."""
+    enabled, forced = _compat.inductor_layout_optimization()
+    if not enabled:
+        return False  # turned off (memfit's refining compile does, when the copies keep a plan over budget)
+    if forced:
+        return True
     nodes = list(nodes)
     convs = [n for n in nodes if n.op == "call_function" and _name(n) == _CONV and len(n.args) >= 2]
     if not convs:
