@@ -3,13 +3,18 @@ on CPU inductor, each model as a user writes it (attention masks with padding, B
 where the config has it, BatchNorm in train mode), nothing edited for memfit (issue 13, item 5, compiled side).
 
 For BERT, Llama and ResNet-18 (the zoo's ``"small"`` sizes), in a child process (``_compiled_rss.py``: one thread,
-glibc's mmap threshold at 64 KiB so that process RSS follows the live tensors):
+glibc's mmap threshold at 64 KiB and ``malloc_trim(0)`` before each measured step, so that process RSS follows the
+live tensors):
 
-- the first compiled step's loss and gradients equal eager autograd's from the same state (dropout set to 0 for this
-  comparison: inductor draws its masks from its own generator, not eager's), and buffers (BatchNorm running
-  statistics, ``num_batches_tracked``) are updated exactly once, to eager's values;
+- the first compiled step's loss and gradients at budget 0.5 equal eager autograd's from the same state (dropout
+  set to 0 for this comparison: inductor draws its masks from its own generator, not eager's), and buffers
+  (BatchNorm running statistics, ``num_batches_tracked``) are updated exactly once, to eager's values;
 - inductor's buffer plan of the step (``CompiledPlan.compiled_peak_bytes``, read from the code inductor generated)
-  is within 5% of the step's measured peak RSS, with dropout as the model has it.
+  is within 5% of the step's measured peak RSS, with dropout as the model has it, at torch's own partition
+  (``budget=None``) and at 0.5; the budget lowers the measured peak.
+
+Without ``malloc_trim`` the step reused free heap pages that earlier steps left resident, and RSS read up to 6 MB
+below what the step allocated (BERT at 0.5: 11.3 MiB measured against a plan of 14.3).
 
 Each case compiles two or three times (30-70 s each on the 2-core CPU): ``slow``. One fast test checks the replay
 of inductor's wrapper (``memfit._compat.inductor_wrapper_plan``) on the forms a convnet's graphs take.
@@ -30,15 +35,16 @@ HERE = Path(__file__).resolve().parent
 BUDGET = 0.5
 
 
-def _child(name: str, *flags: str) -> dict:
+def _child(name: str, budgets: list[str], *flags: str) -> list[dict]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, str(HERE / "_compiled_rss.py"), f"zoo:{name}", "inductor", str(BUDGET), *flags],
+        [sys.executable, str(HERE / "_compiled_rss.py"), f"zoo:{name}", "inductor", *budgets, *flags],
         capture_output=True, text=True, env=env, timeout=1200, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    (row,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    return row
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(budgets), out.stderr[-3000:]
+    return rows
 
 
 def _eager(name: str) -> tuple[torch.Tensor, dict, dict]:
@@ -60,12 +66,14 @@ def _has_dropout(name: str) -> bool:
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
-def _within(plan: dict, measured: int, name: str) -> None:
-    compiled = plan["compiled_peak_bytes"]
+def _gap(row: dict, name: str) -> float:
+    """inductor's plan over the measured peak, less 1."""
+    (plan,) = row["plans"]
+    compiled, measured = plan["compiled_peak_bytes"], row["measured"]
     assert compiled is not None, name
-    print(f"{name}: inductor's plan {compiled / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB "
-          f"({compiled / measured - 1:+.1%}), feasible {plan['feasible']}")  # fmt: skip
-    assert abs(compiled - measured) <= 0.05 * measured, (name, compiled / 2**20, measured / 2**20)
+    print(f"{name} budget {row['budget']}: inductor's plan {compiled / 2**20:.1f} MiB, measured "
+          f"{measured / 2**20:.1f} MiB ({compiled / measured - 1:+.1%}), feasible {plan['feasible']}")  # fmt: skip
+    return compiled / measured - 1
 
 
 @pytest.mark.slow
@@ -73,7 +81,10 @@ def _within(plan: dict, measured: int, name: str) -> None:
 @pytest.mark.parametrize("name", ["bert", "llama", "resnet18"])
 def test_zoo_model_on_the_compiled_path(name, tmp_path):
     saved = tmp_path / "step.pt"
-    row = _child(name, "--no-dropout", "--save", str(saved))
+    dropout = _has_dropout(name)
+    # gradients and buffers at the budget (dropout off); without dropout, the same child measures the memory too
+    budgets = [str(BUDGET)] if dropout else ["none", str(BUDGET)]
+    rows = _child(name, budgets, "--no-dropout", "--save", str(saved), "--trim", "1", "--steps", "3")
     got = torch.load(saved)
     ref_loss, ref_grads, ref_buffers = _eager(name)
     torch.testing.assert_close(got["loss"], ref_loss, rtol=1e-4, atol=1e-5, msg=name)
@@ -83,80 +94,14 @@ def test_zoo_model_on_the_compiled_path(name, tmp_path):
     assert got["buffers"].keys() == ref_buffers.keys(), name
     for n, b in got["buffers"].items():
         torch.testing.assert_close(b, ref_buffers[n], msg=f"{name} buffer {n}")  # updated once, as eager
-    if "resnet18" in name:
+    if name == "resnet18":
         counts = [b for n, b in got["buffers"].items() if n.endswith("num_batches_tracked")]
         assert counts and all(int(c) == 1 for c in counts), name
-    (plan,) = row["plans"]
-    if _has_dropout(name):  # the memory as the user runs it: dropout on
-        row = _child(name)
-        (plan,) = row["plans"]
-    _within(plan, row["measured"], name)
-
-
-# the forward of a convolution under CPU inductor's layout optimisation (torch 2.13's codegen, trimmed): the weight
-# and the batch are copied to channels-last, the convolution is an extern kernel, and the forward returns the weight's
-# copy (buf0) in the weight's place as a saved value, a view of its own buffer, and the batch (an input) itself
-_INDUCTOR_FORWARD = """
-    def call(self, args):
-        primals_1, primals_2 = args
-        args.clear()
-        assert_size_stride(primals_1, (16, 8, 3, 3), (72, 9, 3, 1), 'input')
-        buf0 = empty_strided_cpu((16, 8, 3, 3), (72, 1, 24, 8), torch.float32)
-        assert_size_stride(primals_2, (2, 8, 8, 8), (512, 64, 8, 1), 'input')
-        buf1 = empty_strided_cpu((2, 8, 8, 8), (512, 1, 64, 8), torch.float32)
-        cpp_fused_0(primals_1, primals_2, buf0, buf1)
-        del primals_1
-        # Topologically Sorted Source Nodes: [conv2d]
-        buf2 = extern_kernels.convolution(buf1, buf0, stride=(1, 1), padding=(1, 1), dilation=(1, 1), transposed=False, output_padding=(0, 0), groups=1, bias=None)
-        assert_size_stride(buf2, (2, 16, 8, 8), (1024, 1, 128, 16), 'torch.ops.aten.convolution.default')
-        del buf1
-        buf3 = empty_strided_cpu((2, 16, 8, 8), (1024, 1, 128, 16), torch.float32)
-        cpp_fused_relu_1(buf2, buf3)
-        return (reinterpret_tensor(buf3, (2048, ), (1, ), 0), buf0, primals_2, buf2, None, )
-"""
-
-
-def test_inductor_wrapper_plan_counts_layout_copies_and_onednn_scratch():
-    from memfit import _compat
-
-    weight, batch, out = 16 * 8 * 3 * 3 * 4, 2 * 8 * 8 * 8 * 4, 2 * 16 * 8 * 8 * 4
-    args = {"primals_1": 0, "primals_2": 0}  # parameters and the batch exist before the step
-    plain = _compat.inductor_wrapper_plan(_INDUCTOR_FORWARD, args)
-    assert plain is not None
-    # the two copies and the convolution's output; then the input's copy is freed and the relu's output allocated
-    assert plain.peak == max(weight + batch + out, weight + 2 * out)
-    # returned: the relu's output (a view of buf3), the weight's copy, the batch itself (0), the conv output, None
-    assert plain.returned == (out, weight, 0, out, 0)
-    scratch = _compat.inductor_wrapper_plan(_INDUCTOR_FORWARD, args, onednn_scratch=True)
-    assert scratch is not None
-    # inside the convolution's call: its output and oneDNN's copy of the weight (channels-last input)
-    assert scratch.peak == weight + batch + out + weight
-    assert _compat.inductor_wrapper_peak(_INDUCTOR_FORWARD, args) == plain.peak
-
-
-def test_onednn_scratch_rule_against_measured_convolutions():
-    """The rule ``inductor_wrapper_plan(onednn_scratch=True)`` restates, against the peak RSS of single oneDNN
-    convolution calls (``_compiled_rss.py conv-scratch``, 3x3 convolutions of 128-512 channels, batch 16): beyond
-    its outputs, a forward call holds the weight (plus the output when the input is not channels-last), a backward
-    call twice the weight with channels-last inputs (the weight plus the output gradient otherwise)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, str(HERE / "_compiled_rss.py"), "conv-scratch"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 8
-    for r in rows:
-        w, o = r["weight_bytes"], r["out_bytes"]
-        fwd, bwd = r["fwd_peak"] - r["fwd_outputs"], r["bwd_peak"] - r["bwd_outputs"]
-        if (
-            w < 2**20
-        ):  # 128 channels: page rounding and oneDNN's own small buffers dominate; the rule is a floor
-            continue
-        if r["channels_last"]:  # inductor's layout optimisation: what the CPU path runs by default
-            assert abs(fwd - w) <= 0.1 * w, r
-            assert abs(bwd - 2 * w) <= 0.1 * 2 * w, r
-        else:
-            assert abs(fwd - (w + o)) <= 0.2 * (w + o), r
-            assert abs(bwd - (w + o)) <= 0.2 * (w + o), r
+    if dropout:  # the memory as the user runs it: dropout on
+        rows = _child(name, ["none", str(BUDGET)], "--trim", "1", "--steps", "3")
+    full, half = rows
+    # torch's partition and memfit's at 0.5: inductor's plan within 5% of the measured peak (RSS after glibc's
+    # malloc_trim, so that the step cannot reuse free heap pages left resident by earlier steps)
+    assert abs(_gap(full, name)) <= 0.05, name
+    assert abs(_gap(half, name)) <= 0.05, name
+    assert half["measured"] < full["measured"], name  # the budget lowers the measured peak
