@@ -135,13 +135,15 @@ def main() -> None:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-    initial = copy.deepcopy(model.state_dict())
+    # the state the model was built in, for --save's step (buffers updated once from it); not kept otherwise
+    initial = copy.deepcopy(model.state_dict()) if args.save else None
     for text in args.budgets:
         budget = None if text == "none" else float(text)
         if args.compiler in ("torch", "eager") and budget is not None:
             raise SystemExit(f"compiler {args.compiler} takes no budget, got {text}")
         torch._dynamo.reset()
-        model.load_state_dict(initial)
+        if initial is not None:
+            model.load_state_dict(initial)
         backend = None
         if args.compiler == "eager":
             step = lambda b: loss_fn(model, b)  # noqa: E731
