@@ -369,6 +369,10 @@ class _Fusion:
             or any(not self._fuses_inputs(u) for u in users)
             or len(reads) > self.rules.acc_reads["cpu" if cpu else "other"]
             or (len(users) > 1 and (heavy or len(reads) > self._READS_ON_REUSE))
+            # GraphLowering.run_node: a value several ops read, one of them in needs_realized_inputs (a bmm, even the
+            # one-row bmm inductor turns into a multiply and a sum), gets realize_hint: stored when its expression
+            # loads more than one buffer (Mixtral's per-token weight gather, read by two bmm in the backward)
+            or (len(users) > 1 and len(reads) > 1 and any(_dot_bmm(u) for u in users))
         )
         if not store:
             self._expr[key] = (frozenset(reads), heavy)
