@@ -154,9 +154,12 @@ def worker(name: str, budgets: list[str]) -> None:
         print("ROW " + json.dumps(row), flush=True)
 
 
-def run(models: list[str], budgets: list[str], fresh: bool) -> dict[str, Any]:
+def run(models: list[str], budgets: list[str], fresh: bool, redo: bool = False) -> dict[str, Any]:
     results = {} if fresh else _load()
     rows = results.setdefault("rows", {})
+    if redo:  # measure these models' rows again
+        for key in [k for k in rows if k.split()[0] in models and k.split()[1] in budgets]:
+            del rows[key]
     results["meta"] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -214,6 +217,16 @@ def report(results: dict[str, Any]) -> None:
             f" {row['ratio']:14.3f}"
         )
     print(f"worst |model/inductor - 1|: {worst:.3f}")
+    print()
+    print("| model | " + " | ".join(BUDGETS) + " |")
+    print("|---|" + "---:|" * len(BUDGETS))
+    for name in MODELS:
+        cells = []
+        for b in BUDGETS:
+            row = rows.get(f"{name} {b}")
+            cells.append("-" if not row or row.get("ratio") is None else f"{row['ratio']:.3f}")
+        if any(c != "-" for c in cells):
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -223,6 +236,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--budgets", nargs="+", default=BUDGETS, choices=BUDGETS)
     parser.add_argument("--fresh", action="store_true", help="forget the rows already in the JSON")
+    parser.add_argument("--redo", action="store_true", help="measure the given models' rows again")
     parser.add_argument("--report", action="store_true", help="print the last run's table and exit")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -232,7 +246,7 @@ def main() -> None:
     if args.report:
         report(_load())
         return
-    report(run(args.models, args.budgets, args.fresh))
+    report(run(args.models, args.budgets, args.fresh, args.redo))
 
 
 if __name__ == "__main__":
