@@ -47,6 +47,7 @@ class _Model:
         self.fw_outputs = set(outs[:num_fwd_outputs])
         self.bw_outputs = set(outs[num_fwd_outputs:])
         tangents = {n for n in self.nodes if n.op == "placeholder" and "tangents" in str(n.target)}
+        self.tangents = tangents
         # forward = ancestors of the forward outputs that do not depend on a tangent; backward = the rest
         needs_tangent: set[fx.Node] = set()
         for n in self.nodes:
@@ -189,8 +190,21 @@ class _Model:
                 end = len(seq) if p in self.fw_outputs else copy_last[p]
                 frees[end] = frees.get(end, 0) + size
             live -= frees.pop(-1, 0)
+        # the backward's inputs besides saved values: the gradients of what the forward returns, live from the
+        # backward's start to their last reader
+        adds: dict[int, int] = {}
+        tangent_last: dict[fx.Node, int] = {}
+        for i, (n, _) in enumerate(seq):
+            for a in self.reads[n]:
+                if a in self.tangents:
+                    tangent_last[a] = i
+        for t, end in tangent_last.items():
+            size = _nbytes(t.meta.get("val"))
+            adds[len(self.fw)] = adds.get(len(self.fw), 0) + size
+            frees[end] = frees.get(end, 0) + size
         fusion = _Fusion(self.addmm, self._fuses_memo)
         for i, key in enumerate(seq):
+            live += adds.pop(i, 0)
             n, again = key
             kept = (n in saved and not again) or n in self.bw_outputs or n in self.fw_outputs
             inputs = [self._source(a, n, again, recompute) or a for a in self.reads[n]]
