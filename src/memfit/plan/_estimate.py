@@ -43,6 +43,7 @@ from memfit.plan._in_backward import (
 from memfit.plan._optimizers import OPTIMIZERS, UpdateTrace, settings, trace_param_updates, trace_update
 from memfit.plan._rows import Estimate, PlanRow, parse_bytes
 from memfit.plan._search import PeakCurve, largest_batch
+from memfit.plan._slice import slice_budgets
 from memfit.plan._trace import Env, trace_forward_backward
 from memfit.plan._workload import PRECISIONS, PlanInputError, Workload, from_module, from_spec
 
@@ -573,34 +574,19 @@ def _sliced_plans(
     from memfit import remat as _remat
 
     assert work.gpt is not None
-    base = _remat.solve(graph, None, method="noremat").simulate()
-    slice_noninput = base.peak - inputs
-    try:
-        _remat.solve(graph, inputs + 1, method=method)  # type: ignore[arg-type]
-        slice_min = 1
-    except _remat.InfeasibleBudget as exc:
-        slice_min = exc.min_peak - inputs
     boundary = work.batch_size * (work.seq_len or 1) * work.gpt.n_embd * 4
-    full_noninput = fb.total_peak_bytes - resident
-    full_min = slice_min + (work.gpt.n_layer - _REMAT_LAYERS) * boundary
-    plans: dict[float, tuple[int, int, float]] = {}
-    for b in budgets:
-        target = int(b * full_noninput)
-        if target < full_min:
-            notes.append(
-                f"remat {b:.0%}: infeasible (needs at least ~{format_bytes(full_min)} beyond inputs, "
-                f"{full_min / full_noninput:.0%} of no remat)"
-            )
-            continue
-        budget = inputs + max(int(b * slice_noninput), int(slice_min * 1.02))
-        sched = _remat.solve(graph, budget, method=method)  # type: ignore[arg-type]
-        sim = sched.simulate()
-        plans[b] = (
-            target,
-            0,
-            sim.cost / base.cost if base.cost else 1.0,
-        )  # a rematted step peaks in the forward
-    return plans
+    sliced = slice_budgets(
+        lambda budget, m: _remat.solve(graph, budget, method=m),  # type: ignore[arg-type]
+        inputs,
+        fb.total_peak_bytes - resident,
+        (work.gpt.n_layer - _REMAT_LAYERS) * boundary,
+        budgets,
+        method,
+        notes,
+    )
+    return {
+        b: (target, 0, overhead) for b, (target, overhead) in sliced.items()
+    }  # a rematted step peaks in the forward
 
 
 def _outputs_at_peak(schedule: Any, sim: Any) -> int:

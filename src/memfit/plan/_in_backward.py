@@ -34,6 +34,7 @@ from torch import nn
 from memfit.memory import MemoryReport, format_bytes
 from memfit.plan._optimizers import ParamUpdates, param_key
 from memfit.plan._search import PeakCurve
+from memfit.plan._slice import slice_budgets
 
 __all__ = ["ConsumedRemat", "StepTimeline", "consumed_remat_plans", "sliced_consumed_plans", "step_timeline"]
 
@@ -191,34 +192,19 @@ def sliced_consumed_plans(
         further_blocks: bytes the blocks beyond the slice add to the least memory.
         notes: infeasible budgets are noted here.
     """
-    from memfit import remat as _remat
     from memfit.remat.eager.updates import sink_gradients
 
     consumed = sink_gradients(captured, captured.param_names)
-    inputs = consumed.graph.input_bytes
-    base_sim = consumed.solve(None, "noremat").simulate()
-    slice_noninput = base_sim.peak - inputs
-    try:
-        consumed.solve(inputs + 1, method)
-        slice_min = 1
-    except _remat.InfeasibleBudget as exc:
-        slice_min = exc.min_peak - inputs
-    full_min = slice_min + further_blocks
-    plans: dict[float, ConsumedRemat] = {}
-    for b in budgets:
-        target = int(b * full_noninput)
-        if target < full_min:
-            notes.append(
-                f"remat {b:.0%}, step in backward: infeasible (needs at least ~{format_bytes(full_min)} beyond "
-                f"inputs, {full_min / max(full_noninput, 1):.0%} of no remat in backward)"
-            )
-            continue
-        sched = consumed.solve(inputs + max(int(b * slice_noninput), int(slice_min * 1.02)), method)
-        sim = sched.simulate()
-        plans[b] = ConsumedRemat(
+    sliced = slice_budgets(
+        consumed.solve, consumed.graph.input_bytes, full_noninput, further_blocks, budgets, method, notes,
+        ", step in backward",
+    )  # fmt: skip
+    return {
+        b: ConsumedRemat(
             memory=np.array([target], dtype=np.int64),
             updates=[(0, p) for p in full_params],  # every update may fall at the peak
             grads=np.zeros(1, dtype=np.int64),
-            overhead=sim.cost / base_sim.cost if base_sim.cost else 1.0,
+            overhead=overhead,
         )
-    return plans
+        for b, (target, overhead) in sliced.items()
+    }
