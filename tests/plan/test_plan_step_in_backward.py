@@ -184,20 +184,16 @@ def test_cli_preset_prints_both_rows_and_they_match_real_steps(capsys):
     assert rows[0]["peak_bytes"] - rows[1]["peak_bytes"] >= 0.6 * grad_bytes
 
 
-def test_cli_step_in_backward_with_a_grad_scaler_is_one_clear_line(capsys):
-    argv = [
-        "plan",
-        "--model",
-        "tiny",
-        "--batch",
-        "1x16",
-        "--precision",
-        "fp16-autocast",
-        "--step-in-backward",
-    ]
-    assert main(argv) == 2
+def _plan_error(capsys, *options: str) -> str:
+    """``memfit plan --model tiny --batch 1x16 --step-in-backward *options``: exit 2 and one line on stderr."""
+    assert main(["plan", "--model", "tiny", "--batch", "1x16", "--step-in-backward", *options]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_cli_step_in_backward_with_a_grad_scaler_is_one_clear_line(capsys):
+    err = _plan_error(capsys, "--precision", "fp16-autocast")
     assert "fp16-autocast" in err and "GradScaler" in err and "bf16-autocast" in err
     with pytest.raises(PlanInputError, match="fp16-autocast"):
         estimate("tiny", 1, 16, precision="fp16-autocast", step_in_backward=True)
@@ -220,18 +216,5 @@ def test_largest_batch_with_the_step_in_the_backward_is_the_largest_that_fits_wh
 @pytest.mark.skipif(torch.backends.cuda.is_built(), reason="checks a torch built without CUDA")
 def test_cli_cuda_device_without_a_cuda_build_is_one_clear_line(capsys):
     # it aborted the process (c10::Error from the autograd engine's device guard) before this check
-    argv = [
-        "plan",
-        "--model",
-        "tiny",
-        "--batch",
-        "1x16",
-        "--remat",
-        "none",
-        "--device",
-        "cuda",
-        "--step-in-backward",
-    ]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "built without CUDA" in err and "cpu" in err
+    err = _plan_error(capsys, "--remat", "none", "--device", "cuda")
+    assert "built without CUDA" in err and "cpu" in err
