@@ -19,6 +19,11 @@ its own, eager beside it). The **BN updates** column is how many times one step 
 (``num_batches_tracked``, the most over all BN layers): eager autograd and memfit 1, per-block checkpointing 2 (the
 recomputed forward updates the running statistics again).
 
+A configuration that cannot run on a model (capture, compile, plan or step fails) keeps its row with the reason
+(``error``: the stage, the exception's type and first line); the memfit backend's row notes a graph whose budget is
+below the least memory the compiled path reaches (it then runs that least-memory plan) and inductor's buffer plan.
+The printout is one table, model x configuration, then one line per note.
+
     python benchmarks/remat_zoo.py                       # every model, "small" configs
     python benchmarks/remat_zoo.py --models resnet18 bert --steps 5
     python benchmarks/remat_zoo.py --size tiny           # a smoke run
@@ -46,8 +51,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "remat_torch"))
 import zoo
-
-import _table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUPS = {  # configurations measured in one process (a torch.compile'd configuration gets a process of its own)
@@ -99,9 +102,10 @@ def _fresh(fn: Callable[[Any], Any], tag: str) -> Callable[[Any], Any]:
 def make_configs(
     name: str, size: str, group: str
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, torch.nn.Module], dict[str, Any]]:
-    """One model per configuration (same initial weights), a zero-argument step for each, and plan facts."""
-    import memfit.remat
+    """One model per configuration (same initial weights), a zero-argument step for each, and plan facts.
 
+    A configuration that cannot be built (capture, compile or plan fails) gets ``facts[cfg]["error"]`` and no step.
+    """
     model, loss_fn, batch = zoo.BUILDERS[name](size)
     model.train()
     initial = copy.deepcopy(model)
@@ -112,34 +116,61 @@ def make_configs(
     for cfg in GROUPS[group]:
         m = copy.deepcopy(initial)
         models[cfg] = m
-        if cfg == "eager":
-            steps[cfg] = lambda m=m: loss_fn(m, batch).backward()
-        elif cfg == "checkpoint":
-            _checkpointed(m)
-            steps[cfg] = lambda m=m: loss_fn(m, batch).backward()
-        elif cfg == "torch.compile":
-            f = torch.compile(_fresh(lambda b, m=m: loss_fn(m, b), cfg))
-            steps[cfg] = lambda f=f: f(batch).backward()
-        elif cfg == "memfit backend 0.5":
-            be = memfit.remat.backend(budget=0.5)
-            f = torch.compile(_fresh(lambda b, m=m: loss_fn(m, b), cfg), backend=be)
-            steps[cfg] = lambda f=f: f(batch).backward()
-            facts[cfg] = {"backend": be}
-        else:  # memfit eager: one capture, three schedules
-            if first is None:
-                first = memfit.remat.compile(m, loss_fn, batch)
-            budget = cfg.split()[1]
-            if budget == "none":
-                step = first.with_budget(None)
-            else:
-                step = _feasible(first, batch, 0.5 if budget == "0.5" else 1, facts, cfg)
-            step.model = m
-            step.prepare(batch)
-            facts.setdefault(cfg, {}).update(
-                {"predicted_overhead": step.plan.cost_overhead, "peak_predicted_bytes": step.plan.peak_bytes}
-            )
-            steps[cfg] = lambda step=step: step(batch)
+        try:
+            first = _build(cfg, m, loss_fn, batch, first, steps, facts)
+        except Exception as exc:
+            if cfg == "eager":
+                raise
+            facts[cfg] = {"error": _why(exc, "build")}
     return steps, models, facts
+
+
+def _why(exc: BaseException, stage: str) -> str:
+    """One line for a configuration that could not run: where, the exception's type and its first line."""
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{stage}: {type(exc).__name__}: {first_line}"[:300]
+
+
+def _build(
+    cfg: str,
+    m: torch.nn.Module,
+    loss_fn: Callable[..., Any],
+    batch: Any,
+    first: Any,
+    steps: dict[str, Callable[[], Any]],
+    facts: dict[str, Any],
+) -> Any:
+    """Add configuration ``cfg``'s step on model ``m`` to ``steps``; returns the memfit eager capture (shared)."""
+    import memfit.remat
+
+    if cfg == "eager":
+        steps[cfg] = lambda m=m: loss_fn(m, batch).backward()
+    elif cfg == "checkpoint":
+        _checkpointed(m)
+        steps[cfg] = lambda m=m: loss_fn(m, batch).backward()
+    elif cfg == "torch.compile":
+        f = torch.compile(_fresh(lambda b, m=m: loss_fn(m, b), cfg))
+        steps[cfg] = lambda f=f: f(batch).backward()
+    elif cfg == "memfit backend 0.5":
+        be = memfit.remat.backend(budget=0.5)
+        f = torch.compile(_fresh(lambda b, m=m: loss_fn(m, b), cfg), backend=be)
+        steps[cfg] = lambda f=f: f(batch).backward()
+        facts[cfg] = {"backend": be}
+    else:  # memfit eager: one capture, three schedules
+        if first is None:
+            first = memfit.remat.compile(m, loss_fn, batch)
+        budget = cfg.split()[1]
+        if budget == "none":
+            step = first.with_budget(None)
+        else:
+            step = _feasible(first, batch, 0.5 if budget == "0.5" else 1, facts, cfg)
+        step.model = m
+        step.prepare(batch)
+        facts.setdefault(cfg, {}).update(
+            {"predicted_overhead": step.plan.cost_overhead, "peak_predicted_bytes": step.plan.peak_bytes}
+        )
+        steps[cfg] = lambda step=step: step(batch)
+    return first
 
 
 def _feasible(first: Any, batch: Any, budget: float | int, facts: dict[str, Any], cfg: str) -> Any:
@@ -161,11 +192,23 @@ def worker(name: str, size: str, group: str, steps_n: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     steps, models, facts = make_configs(name, size, group)
-    out: dict[str, Any] = {cfg: {} for cfg in steps}
-    for cfg, fn in steps.items():  # first step: compiles, lazy state; BN counters read after exactly one step
+    out: dict[str, Any] = {cfg: {} for cfg in GROUPS[group]}
+
+    def guarded(cfg: str, stage: str, fn: Callable[[], Any]) -> None:
+        """Run ``fn``; a configuration that fails is dropped with its reason (eager's failure fails the group)."""
+        try:
+            fn()
+        except Exception as exc:
+            if cfg == "eager":
+                raise
+            out[cfg]["error"] = _why(exc, stage)
+            steps.pop(cfg)
+
+    def first_step(cfg: str, fn: Callable[[], Any]) -> None:
         fn()
         out[cfg]["bn_updates"] = _bn_counts(models[cfg])
-    for cfg, fn in steps.items():
+
+    def rss_step(cfg: str, fn: Callable[[], Any]) -> None:
         for p in models[cfg].parameters():
             p.grad = None
         fn()  # warm
@@ -175,6 +218,12 @@ def worker(name: str, size: str, group: str, steps_n: int) -> dict[str, Any]:
         before = _rss_kib("VmRSS")
         fn()
         out[cfg]["rss_peak_bytes"] = (_rss_kib("VmHWM") - before) * 1024
+
+    # first step: compiles, lazy state; BN counters read after exactly one step
+    for cfg, fn in list(steps.items()):
+        guarded(cfg, "first step", lambda cfg=cfg, fn=fn: first_step(cfg, fn))
+    for cfg, fn in list(steps.items()):
+        guarded(cfg, "step", lambda cfg=cfg, fn=fn: rss_step(cfg, fn))
     times: dict[str, list[float]] = {cfg: [] for cfg in steps}
     for _ in range(steps_n):  # interleaved
         for cfg, fn in steps.items():
@@ -183,16 +232,37 @@ def worker(name: str, size: str, group: str, steps_n: int) -> dict[str, Any]:
             t = time.process_time()
             fn()
             times[cfg].append(time.process_time() - t)
-    for cfg in steps:
-        out[cfg]["step_seconds"] = statistics.median(times[cfg])
-        out[cfg]["step_seconds_all"] = times[cfg]
+    for cfg in out:
         f = facts.get(cfg, {})
         if "backend" in f:
             plans = f.pop("backend").plans
             out[cfg]["plans"] = [p.to_dict() for p in plans]
-        out[cfg].update(f)
+            note = _backend_note(plans)
+            if note:
+                out[cfg]["note"] = note
+        if cfg in times:
+            out[cfg]["step_seconds"] = statistics.median(times[cfg])
+            out[cfg]["step_seconds_all"] = times[cfg]
+        for k, v in f.items():
+            out[cfg].setdefault(k, v)
     out["_seconds"] = time.perf_counter() - t0
     return out
+
+
+def _backend_note(plans: list[Any]) -> str:
+    """What the memfit backend's plans say about the budget: infeasible graphs, torch's partition kept."""
+    mib = 2**20
+    notes = []
+    for i, p in enumerate(plans):
+        tag = f"graph {i}: " if len(plans) > 1 else ""
+        if not p.feasible:
+            notes.append(
+                f"{tag}0.5 infeasible on the compiled path: least memory {p.min_peak_bytes / p.full_peak_bytes:.2f}"
+                f" of torch's partition ({p.min_peak_bytes / mib:.1f} of {p.full_peak_bytes / mib:.1f} MiB predicted)"
+            )
+        if p.compiled_peak_bytes is not None:
+            notes.append(f"{tag}inductor's plan {p.compiled_peak_bytes / mib:.1f} MiB")
+    return "; ".join(notes)
 
 
 def _spawn(args: list[str]) -> dict[str, Any]:
@@ -201,11 +271,9 @@ def _spawn(args: list[str]) -> dict[str, Any]:
         [sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False
     )
     if proc.returncode != 0:
-        return {
-            "error": proc.stderr.strip().splitlines()[-1][:300]
-            if proc.stderr.strip()
-            else f"exit {proc.returncode}"
-        }
+        lines = proc.stderr.strip().splitlines()
+        print("\n".join(lines[-20:]), file=sys.stderr, flush=True)
+        return {"error": lines[-1][:300] if lines else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -224,8 +292,10 @@ def run(models: list[str], size: str, groups: list[str], steps_n: int, path: Pat
             eager = got.pop("eager")
             got.pop("_seconds", None)
             for cfg, r in got.items():
-                r["memory_ratio"] = r["rss_peak_bytes"] / eager["rss_peak_bytes"]
-                r["time_ratio"] = r["step_seconds"] / eager["step_seconds"]
+                if "rss_peak_bytes" in r:
+                    r["memory_ratio"] = r["rss_peak_bytes"] / max(eager["rss_peak_bytes"], 1)
+                if "step_seconds" in r:
+                    r["time_ratio"] = r["step_seconds"] / eager["step_seconds"]
                 r["eager_same_process"] = eager
                 rows[cfg] = r
             if group == "eager" or "eager" not in rows:
@@ -251,37 +321,58 @@ def _write(path: Path, results: dict[str, Any], size: str, steps_n: int) -> None
     path.write_text(json.dumps({"meta": meta, "models": results}, indent=1))
 
 
+ORDER = ["eager", "checkpoint", "torch.compile", "memfit 0.5", "memfit min", "memfit backend 0.5"]
+LABELS = {
+    "eager": "eager",
+    "checkpoint": "per-block ckpt",
+    "torch.compile": "torch.compile",
+    "memfit 0.5": "memfit 0.5",
+    "memfit min": "memfit least",
+    "memfit backend 0.5": "backend 0.5",
+}
+
+
+def _cell(r: dict[str, Any]) -> str:
+    """``memory / time`` ratios to eager (``x`` where the configuration did not run); BN updates where > 1."""
+    if "memory_ratio" not in r or "time_ratio" not in r:
+        return "x"
+    bn = "" if r.get("bn_updates") in (None, 1) else f" BN{r['bn_updates']}"
+    return f"{r['memory_ratio']:.2f} / {r['time_ratio']:.2f}{bn}"
+
+
 def print_tables(results: dict[str, Any]) -> None:
+    """One table, model x configuration (memory / time as ratios to eager in the same process), then the notes."""
     from rich.console import Console
+    from rich.table import Table
 
-    console = Console(width=160)
-    order = ["eager", "checkpoint", "torch.compile", "memfit 0.5", "memfit min", "memfit backend 0.5"]
+    console = Console(width=200)
+    table = Table(
+        title="step memory (RSS) / time, ratios to eager autograd in the same process; BNk: BatchNorm "
+        "statistics updated k times per step"
+    )
+    table.add_column("model", justify="left")
+    table.add_column("eager MiB", justify="right")
+    for cfg in ORDER:
+        table.add_column(LABELS[cfg], justify="right")
+    notes: list[str] = []
     for name, rows in results.items():
-        configs = {cfg: rows[cfg] for cfg in order if cfg in rows}
-
-        def bn(r: dict[str, Any]) -> str:
-            return "-" if r.get("bn_updates") is None else str(r["bn_updates"])
-
-        def pred(r: dict[str, Any]) -> str:
-            if "predicted_overhead" not in r or "measured_overhead" not in r:
-                return ""
-            return f"compute {r['predicted_overhead']:.2f}x predicted, {r['measured_overhead']:.2f}x measured"
-
-        _table.print_table(
-            console,
-            f"{name}: step memory (RSS) and time, ratios to eager autograd in the same process",
-            configs,
-            [
-                ("memory", lambda r: f"{r['memory_ratio']:.2f}x"),
-                ("time", lambda r: f"{r['time_ratio']:.2f}x"),
-                ("BN updates", bn),
-                ("RSS MiB", lambda r: f"{r['rss_peak_bytes'] / 2**20:.1f}"),
-            ],
-            note=lambda r: "; ".join(x for x in (r.get("note", ""), pred(r)) if x),
-            measured=lambda r: "memory_ratio" in r,
-            why=lambda r: r.get("error", "not run"),
-            width=80,
-        )
+        eager = rows.get("eager", {})
+        mib = f"{eager['rss_peak_bytes'] / 2**20:.1f}" if "rss_peak_bytes" in eager else "x"
+        table.add_row(name, mib, *[_cell(rows.get(cfg, {})) for cfg in ORDER])
+        for cfg in ORDER:
+            r = rows.get(cfg, {})
+            why = r.get("error") or ("" if "memory_ratio" in r else "not run")
+            bits = [why, r.get("note", "")]
+            if "predicted_overhead" in r and "measured_overhead" in r:
+                bits.append(
+                    f"compute {r['predicted_overhead']:.2f}x predicted, {r['measured_overhead']:.2f}x measured"
+                )
+            text = "; ".join(b for b in bits if b)
+            if text:
+                notes.append(f"{name}, {LABELS[cfg]}: {text}")
+    console.print(table)
+    for line in notes:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def main() -> None:
