@@ -13,9 +13,11 @@ BERT, Llama, T5, ViT, GPT-NeoX, Mixtral, Mamba from small configs; a torchvision
 
 Memory is the step's RSS high-water mark above the RSS before it (``VmHWM`` after a reset through
 ``/proc/self/clear_refs``), in processes run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed blocks go back to
-the OS and RSS follows live tensors. Time is ``time.process_time`` on one thread, median over interleaved steps;
-every ratio is against eager autograd measured in the same process (a compiled configuration runs in a process of
-its own, eager beside it). The **BN updates** column is how many times one step advanced the BatchNorm counters
+the OS and RSS follows live tensors; models are built, captured and compiled (first step) on a thread of their
+own, and the heap is trimmed before each measured step, so that the free heap chunks a capture leaves do not hold
+the measured step's tensors (``_in_thread``). Time is ``time.process_time`` on one thread, median over
+interleaved steps; every ratio is against eager autograd measured in the same process (a compiled configuration
+runs in a process of its own, eager beside it). The **BN updates** column is how many times one step advanced the BatchNorm counters
 (``num_batches_tracked``, the most over all BN layers): eager autograd and memfit 1, per-block checkpointing 2 (the
 recomputed forward updates the running statistics again).
 
