@@ -296,18 +296,25 @@ def worker(name: str, size: str, group: str, steps_n: int) -> dict[str, Any]:
 
 
 def _backend_note(plans: list[Any]) -> str:
-    """What the memfit backend's plans say about the budget: infeasible graphs, torch's partition kept."""
+    """What the memfit backend's plans say about the budget: graphs it does not fit, and inductor's buffer plan."""
     mib = 2**20
     notes = []
     for i, p in enumerate(plans):
         tag = f"graph {i}: " if len(plans) > 1 else ""
-        if not p.feasible:
+        budget = p.budget_bytes or 0
+        plan = (
+            "" if p.compiled_peak_bytes is None else f"inductor's plan {p.compiled_peak_bytes / mib:.1f} MiB"
+        )
+        if p.min_peak_bytes > budget:
             notes.append(
                 f"{tag}0.5 infeasible on the compiled path: least memory {p.min_peak_bytes / p.full_peak_bytes:.2f}"
                 f" of torch's partition ({p.min_peak_bytes / mib:.1f} of {p.full_peak_bytes / mib:.1f} MiB predicted)"
             )
-        if p.compiled_peak_bytes is not None:
-            notes.append(f"{tag}inductor's plan {p.compiled_peak_bytes / mib:.1f} MiB")
+        elif not p.feasible:
+            notes.append(f"{tag}{plan} over the budget ({budget / mib:.1f} MiB)")
+            continue
+        if plan:
+            notes.append(f"{tag}{plan}, budget {budget / mib:.1f} MiB")
     return "; ".join(notes)
 
 
