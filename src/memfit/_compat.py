@@ -277,7 +277,12 @@ def inductor_wrapper_plan(
     fallback kernel returns (``bufN = extern_kernels.convolution(...)``, ``bufN = torch.ops.aten.X.default(...)``,
     and the items ``bufM = bufN[i]`` of a kernel that returns several, as ``convolution_backward`` does) are
     allocated by the kernel: the wrapper checks each with ``assert_size_stride(bufN, sizes, strides, ...)``, which
-    gives its extent; the dtype is not written there, so they count ``fallback_itemsize`` bytes an element.
+    gives its extent; the dtype is not written there, so they count ``fallback_itemsize`` bytes an element. A kernel
+    that returns several tensors allocates them all in its call, and its result tuple holds each until both the
+    tuple and the item's own name are deleted (``del bufM`` after ``bufM = bufN[i]`` frees nothing while ``bufN``
+    lives): measured on GPT-NeoX's backward, where ``_scaled_dot_product_flash_attention_for_cpu_backward``'s three
+    gradients stay resident from its call to ``del bufN``, RSS 0.8 MB above a replay that counted each item from
+    its ``assert_size_stride`` to its own ``del``.
 
     With ``onednn_scratch`` (a CPU graph, oneDNN convolutions), a convolution's call also holds its outputs and
     oneDNN's own buffers at once, before the wrapper frees its inputs. Measured on torch 2.13's CPU build (fp32,
@@ -322,6 +327,8 @@ def inductor_wrapper_plan(
     shapes: dict[str, tuple[list[int], list[int]]] = {}  # name -> (sizes, strides), where the wrapper says
     pending: set[str] = set()  # fallback outputs whose extent the next assert_size_stride gives
     returned: set[str] = set()  # the (tuple) results of fallback kernels
+    held: dict[str, dict[str, int]] = {}  # a live tuple result -> its items still named, with their bytes
+    holder: dict[str, str] = {}  # a named item (or what reuses its buffer) -> the live tuple that holds it
     live: dict[str, int] = {}
     peak = 0
     total = 0
@@ -357,6 +364,22 @@ def inductor_wrapper_plan(
             if not s.startswith("del "):
                 break
         return out
+
+    def items_of(i: int, name: str) -> dict[str, int]:
+        """The named items ``bufM = name[j]`` of the tuple the call at ``body[i]`` returns, with their bytes (from
+        their ``assert_size_stride`` lines, wherever those stand in the rest of the body)."""
+        found: dict[str, int] = {}
+        for s in body[i + 1 :]:
+            m = item.match(s)
+            if m and m.group(2) == name:
+                found[m.group(1)] = 0
+                continue
+            m = checked.match(s)
+            if m and m.group(1) in found:
+                sizes, strides = _ints(m.group(2)), _ints(m.group(3))
+                if len(sizes) == len(strides):
+                    found[m.group(1)] = _extent(sizes, strides) * fallback_itemsize
+        return found
 
     def scratch(s: str, out: int) -> int:
         if ".convolution(" in s and s.split("=", 1)[1].strip().startswith("extern_kernels.convolution("):
@@ -394,12 +417,26 @@ def inductor_wrapper_plan(
         m = reuse.match(s)
         if m:
             live[m.group(1)] = live.pop(m.group(2), 0)
+            if m.group(2) in holder:  # an item of a live tuple: its new name references the tuple's item
+                owner = holder.pop(m.group(2))
+                holder[m.group(1)] = owner
+                held[owner][m.group(1)] = held[owner].pop(m.group(2))
             vm = view.search(s)
             if vm:
                 shapes[m.group(1)] = (_ints(vm.group(2)), _ints(vm.group(3)))
             continue
         m = fallback.match(s)
         if m:
+            items = items_of(i, m.group(1))
+            if items:  # a tuple, which holds every item from the call on
+                held[m.group(1)] = items
+                holder.update(dict.fromkeys(items, m.group(1)))
+                live[m.group(1)] = sum(items.values())
+                total += live[m.group(1)]
+                peak = max(peak, total)
+                if onednn_scratch:
+                    peak = max(peak, total + scratch(s, live[m.group(1)]))
+                continue
             live[m.group(1)] = 0
             pending.add(m.group(1))
             returned.add(m.group(1))
@@ -408,10 +445,8 @@ def inductor_wrapper_plan(
                 peak = max(peak, total + out + scratch(s, out))
             continue
         m = item.match(s)
-        if m and m.group(2) in returned:
-            live[m.group(1)] = 0
-            pending.add(m.group(1))
-            pending.discard(m.group(2))  # a tuple: its items carry the bytes
+        if m and m.group(2) in held:
+            live[m.group(1)] = 0  # the tuple holds its bytes
             continue
         m = checked.match(s)
         if m:
@@ -426,7 +461,15 @@ def inductor_wrapper_plan(
             continue
         if s.startswith("del "):
             for name in (n.strip() for n in s[4:].split("#")[0].split(",")):
+                if name in holder:  # an item: the live tuple still holds it
+                    held[holder.pop(name)].pop(name, None)
+                    live.pop(name, None)
+                    continue
                 total -= live.pop(name, 0)
+                for kept, size in held.pop(name, {}).items():  # a tuple: items still named keep their bytes
+                    holder.pop(kept, None)
+                    live[kept] = size
+                    total += size
             continue
         if s.startswith("return "):
             rest = s[len("return ") :].strip()
@@ -435,7 +478,8 @@ def inductor_wrapper_plan(
             for value in values:
                 vm = view.match(value)
                 name = vm.group(1) if vm else value
-                out_bytes.append(live.get(name, 0) if name not in arg_bytes else 0)
+                size = held[holder[name]][name] if name in holder else live.get(name, 0)
+                out_bytes.append(size if name not in arg_bytes else 0)
             return WrapperPlan(peak, tuple(out_bytes))
     return WrapperPlan(peak, ())
 

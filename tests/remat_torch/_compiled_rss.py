@@ -172,7 +172,7 @@ def main() -> None:
         for p in model.parameters():  # one warm step
             p.grad = None
         step(batch).backward()
-        measured, times = 0, []
+        measured, times, steps = 0, [], []
         for _ in range(args.steps):
             for p in model.parameters():
                 p.grad = None
@@ -183,7 +183,8 @@ def main() -> None:
             c0 = time.process_time()
             step(batch).backward()
             times.append(time.process_time() - c0)
-            measured = max(measured, _rss("VmHWM") - before)
+            steps.append(_rss("VmHWM") - before)
+            measured = max(measured, steps[-1])
         plans = [] if backend is None else [p.to_dict() for p in backend.plans]
         row = {
             "model": args.model,
@@ -193,6 +194,7 @@ def main() -> None:
             "no_dropout": args.no_dropout,
             "trim": bool(args.trim),
             "measured": measured,
+            "measured_steps": steps,
             "step_cpu_s": statistics.median(times),
             "compile_s": compile_s,
             "plans": plans,

@@ -174,3 +174,45 @@ def test_onednn_scratch_rule_against_measured_convolutions():
         else:
             assert abs(fwd - (w + o)) <= 0.2 * (w + o), r
             assert abs(bwd - (w + o)) <= 0.2 * (w + o), r
+
+
+# the backward of an attention as CPU inductor (torch 2.13) generated it for GPT-NeoX (trimmed): a fallback kernel
+# returns a tuple of three gradients; the wrapper names each item, uses it, and deletes the name, but the tuple
+# (buf0) keeps all three alive until ``del buf0``
+_ATTENTION_BACKWARD = """
+    def call(self, args):
+        q, k, v, out, lse, grad_out = args
+        args.clear()
+        buf0 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default(grad_out, q, k, v, out, lse, 0.0, True, scale=0.17677669529663687)
+        del grad_out
+        buf1 = buf0[0]
+        assert_size_stride(buf1, (4, 4, 128, 32), (16384, 32, 128, 1), 'torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default')
+        buf4 = empty_strided_cpu((4, 4, 128, 96), (49152, 12288, 96, 1), torch.float32)
+        cpp_fused_0(buf1, buf4)
+        del buf1
+        buf2 = buf0[1]
+        assert_size_stride(buf2, (4, 4, 128, 32), (16384, 32, 128, 1), 'torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default')
+        cpp_fused_1(buf2, buf4)
+        del buf2
+        buf3 = buf0[2]
+        assert_size_stride(buf3, (4, 4, 128, 32), (16384, 32, 128, 1), 'torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default')
+        buf5 = empty_strided_cpu((512, 384), (384, 1), torch.float32)
+        cpp_fused_2(buf3, buf4, buf5)
+        del buf0
+        del q, k
+        return (buf5, buf4, buf3, )
+"""
+
+
+def test_inductor_wrapper_plan_holds_tuple_items_until_the_tuple_is_deleted():
+    from memfit import _compat
+
+    g = 4 * 4 * 128 * 32 * 4  # one gradient of q, k or v
+    args = {"q": g, "k": g, "v": g, "out": g, "lse": 4 * 4 * 128 * 4, "grad_out": g}
+    plan = _compat.inductor_wrapper_plan(_ATTENTION_BACKWARD, args)
+    assert plan is not None
+    # at buf5: the inputs less grad_out, all three gradients (the tuple holds buf1 and buf2 after their del), buf4
+    # (3 g) and buf5 (512 x 384 floats, 3 g)
+    assert plan.peak == sum(args.values()) - g + 3 * g + 3 * g + 3 * g
+    # returned: buf5, buf4 and buf3 (an item of a tuple deleted before the return: it owns its bytes)
+    assert plan.returned == (3 * g, 3 * g, g)
