@@ -25,12 +25,14 @@ from memfit.remat.compiled.fusion import (
     _is_impure,
     _is_random,
     _is_tensors,
+    _kernels,
     _kind,
     _layout_copies,
     _layout_opt,
     _nbytes,
     _owners,
     _reads_after_fusion,
+    _uses,
 )
 from memfit.remat.eager.capture import Rates, _flops
 
@@ -134,19 +136,20 @@ class _Model:
         kept: bool,
         fusion: _Fusion,
         inputs: list[Any],
+        uses: int | None = None,
     ) -> bool:
         n = key[0]
         kind = self.kind[n]
         if n in self.fused_mm:
             return False  # a matmul inductor fuses into the add that reads it: it runs, and writes, there
         if kind == "view":
-            fusion.inline(key, inputs)
+            fusion.inline(key, inputs, n)
             return False
         if kind == "input" or self.bytes[n] == 0:
             return False
         if not self.fused or kind in ("extern", "other", "getitem") or n in self.addmm:
             return True
-        return fusion.stored(key, n, inputs, users, kept)
+        return fusion.stored(key, n, inputs, users, kept, uses)
 
     # -------------------------------------------------------------------------------------------- simulation
     def simulate(self, recompute: set[fx.Node]) -> tuple[int, int]:
@@ -159,12 +162,14 @@ class _Model:
         position: dict[tuple[fx.Node, bool], int] = {key: i for i, key in enumerate(seq)}
         last: dict[tuple[fx.Node, bool], int] = {}
         users: dict[tuple[fx.Node, bool], list[fx.Node]] = {}
+        reader_keys: dict[tuple[fx.Node, bool], list[tuple[fx.Node, bool]]] = {}
         for i, (n, again) in enumerate(seq):
             for a in self.reads[n]:
                 src = self._source(a, n, again, recompute)
                 if src is None:
                     continue
                 users.setdefault(src, []).append(n)
+                reader_keys.setdefault(src, []).append((n, again))
                 # the storage read: a view's base, in the copy the reader sees (a recomputed view of a saved base
                 # reads the saved base)
                 owner = self._source(self.owner[a], n, again, recompute)
@@ -202,20 +207,59 @@ class _Model:
             size = _nbytes(t.meta.get("val"))
             adds[len(self.fw)] = adds.get(len(self.fw), 0) + size
             frees[end] = frees.get(end, 0) + size
+        # which values get a buffer (inductor's store-or-inline choice, made in order), then the kernels they are
+        # computed in: a kernel's buffers are allocated when it starts and live until it ends
         fusion = _Fusion(self.addmm, self._fuses_memo)
-        for i, key in enumerate(seq):
-            live += adds.pop(i, 0)
+        stored: set[tuple[fx.Node, bool]] = set()
+        for key in seq:
             n, again = key
             kept = (n in saved and not again) or n in self.bw_outputs or n in self.fw_outputs
             inputs = [self._source(a, n, again, recompute) or a for a in self.reads[n]]
-            if self._materialized(key, users.get(key, ()), kept, fusion, inputs):
-                size = self.bytes[n]
+            uses = _uses(
+                reader_keys.get(key, ()), lambda k: self.kind[k[0]], lambda k: reader_keys.get(k, ())
+            )
+            if self._materialized(key, users.get(key, ()), kept, fusion, inputs, uses):
+                stored.add(key)
+        kernels = self._kernels(seq, stored, recompute)
+        starts: dict[int, list[tuple[fx.Node, bool]]] = {}
+        for key in stored:
+            starts.setdefault(kernels[key][0], []).append(key)
+        for i, key in enumerate(seq):
+            live += adds.pop(i, 0)
+            for v in starts.pop(i, ()):
+                size = self.bytes[v[0]]
                 live += size
-                end = last.get(key, i)
+                end = max(last.get(v, position[v]), kernels[v][1])
                 frees[end] = frees.get(end, 0) + size
-            peak = max(peak, live + self.scratch.get(n, 0))
+            peak = max(peak, live + self.scratch.get(key[0], 0))
             live -= frees.pop(i, 0)
         return peak, sum(self.bytes[n] for n in saved)
+
+    def _kernels(
+        self,
+        seq: list[tuple[fx.Node, bool]],
+        stored: set[tuple[fx.Node, bool]],
+        recompute: set[fx.Node],
+    ) -> dict[tuple[fx.Node, bool], tuple[int, int]]:
+        """:func:`~memfit.remat.compiled.fusion._kernels` over the simulated sequence: each stored value's kernel
+        as ``(first, last)`` positions in ``seq``; the backward starts a stretch of its own."""
+        position = {key: i for i, key in enumerate(seq)}
+        if not self.fused:
+            return {key: (position[key], position[key]) for key in stored}
+        bw_start = len(self.fw)
+
+        def inputs(key: tuple[fx.Node, bool]) -> list[tuple[fx.Node, bool]]:
+            n, again = key
+            return [s for a in self.reads[n] if (s := self._source(a, n, again, recompute)) is not None]
+
+        return _kernels(
+            seq,
+            lambda key: self.kind[key[0]],
+            inputs,
+            stored,
+            lambda key: key[0] in self.fused_mm or key[0] in self.addmm or position[key] == bw_start,
+            lambda key: key[0],
+        )
 
     def _source(
         self, a: fx.Node, reader: fx.Node, again: bool, recompute: set[fx.Node]
@@ -465,7 +509,8 @@ def _run_peak(
     """``(peak, live at the end)`` of one graph run in order: ``carry`` are inputs that occupy memory until their
     last use (to the end if kept), ``keep`` values that live to the end (outputs). With ``fused``, a oneDNN
     convolution's call holds its scratch (:func:`~memfit.remat.compiled.fusion._call_scratch`; ``channels_last``:
-    the forward's layout optimisation made its activations so)."""
+    the forward's layout optimisation made its activations so), and the values one kernel computes are allocated
+    when it starts and live until it ends (:func:`~memfit.remat.compiled.fusion._kernels`)."""
     reads, fused_mm = _reads_after_fusion(nodes, fused)
     addmm = set(fused_mm.values())
     last: dict[fx.Node, int] = {}
@@ -474,6 +519,41 @@ def _run_peak(
             last[owner[a]] = i
     for n in keep:  # an output that is a view (a transposed weight gradient) keeps its base
         last[owner[n]] = len(nodes)
+    # which values get a buffer: inductor's store-or-inline choice, made in order
+    stored: dict[fx.Node, int] = {}
+    fusion = _Fusion(addmm)
+    for n in nodes:
+        k = kind[n]
+        if k == "view":
+            fusion.inline(n, n.all_input_nodes, n)
+        # a matmul fused into its add runs, and writes, there
+        size = (
+            _nbytes(n.meta.get("val")) if n.op != "placeholder" and k != "view" and n not in fused_mm else 0
+        )
+        if size > 0 and (
+            not fused
+            or k in ("extern", "other", "getitem")
+            or n in addmm
+            or fusion.stored(
+                n,
+                n,
+                reads[n],
+                list(n.users),
+                n in keep,
+                _uses(list(n.users), lambda u: kind.get(u, "other"), _fx_users),
+            )
+        ):
+            stored[n] = size
+    index = {n: i for i, n in enumerate(nodes)}
+    matmuls = set(fused_mm) | addmm
+    kernels = (
+        _kernels(nodes, lambda n: kind[n], lambda n: n.all_input_nodes, stored, matmuls.__contains__)
+        if fused
+        else {n: (index[n], index[n]) for n in stored}
+    )
+    starts: dict[int, list[fx.Node]] = {}
+    for n in stored:
+        starts.setdefault(kernels[n][0], []).append(n)
     frees: dict[int, int] = {}
     live = 0
     for p, size in carry.items():
@@ -482,32 +562,21 @@ def _run_peak(
         frees[end] = frees.get(end, 0) + size
     live -= frees.pop(-1, 0)
     peak = live
-    fusion = _Fusion(addmm)
     for i, n in enumerate(nodes):
-        k = kind[n]
-        if k == "view":
-            fusion.inline(n, n.all_input_nodes)
-        # a matmul fused into its add runs, and writes, there
-        size = (
-            _nbytes(n.meta.get("val")) if n.op != "placeholder" and k != "view" and n not in fused_mm else 0
-        )
-        if size > 0:
-            materialized = (
-                not fused
-                or k in ("extern", "other", "getitem")
-                or n in addmm
-                or fusion.stored(n, n, reads[n], list(n.users), n in keep)
-            )
-            if materialized:
-                live += size
-                end = last.get(n, i)
-                frees[end] = frees.get(end, 0) + size
+        for v in starts.pop(i, ()):
+            live += stored[v]
+            end = max(last.get(v, index[v]), kernels[v][1])
+            frees[end] = frees.get(end, 0) + stored[v]
         scratch = _call_scratch(n, channels_last and _is_4d(n)) if fused else 0
         if scratch:  # the call holds its outputs too (a multi-output op's are counted at its getitems, next)
             scratch += _pieces_bytes(n)
         peak = max(peak, live + scratch)
         live -= frees.pop(i, 0)
     return peak, live + sum(frees.values())
+
+
+def _fx_users(n: fx.Node) -> list[fx.Node]:
+    return list(n.users)
 
 
 def _pieces_bytes(n: fx.Node) -> int:
