@@ -337,7 +337,7 @@ class _Fusion:
     """
 
     _READS_ON_REUSE = 4  # torch/_inductor/config.py realize_reads_threshold
-    _HEAVY_CPU = frozenset({"exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh", "erf"})
+    _HEAVY_CPU = frozenset({"exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh"})
 
     def __init__(self, addmm: Iterable[fx.Node] = (), memo: dict[fx.Node, bool] | None = None) -> None:
         self.rules = _compat.inductor_inline_rules()
