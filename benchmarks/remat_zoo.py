@@ -428,6 +428,29 @@ def print_tables(results: dict[str, Any]) -> None:
         console.print(line, highlight=False, soft_wrap=True)
 
 
+def print_markdown(results: dict[str, Any]) -> None:
+    """The same table as Markdown (the README's), with the eager executor's predicted / measured compute."""
+    order = ORDER[1:]
+    head = [
+        "model",
+        "eager MiB",
+        *(LABELS[c] for c in order),
+        "memfit compute, predicted / measured (0.5; least)",
+    ]
+    print("| " + " | ".join(head) + " |")
+    print("|---|" + "---:|" * (len(head) - 2) + "---|")
+    for name, rows in results.items():
+        eager = rows.get("eager", {})
+        mib = f"{eager['rss_peak_bytes'] / 2**20:.1f}" if "rss_peak_bytes" in eager else "x"
+        cells = [_cell(rows.get(cfg, {})).replace("BN", "BN ") for cfg in order]
+        comp = "; ".join(
+            f"{r['predicted_overhead']:.2f} / {r['measured_overhead']:.2f}"
+            for r in (rows.get("memfit 0.5", {}), rows.get("memfit min", {}))
+            if "predicted_overhead" in r and "measured_overhead" in r
+        )
+        print(f"| {name} | {mib} | " + " | ".join(cells) + f" | {comp} |")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         name, size, group, steps_n = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
@@ -440,10 +463,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS / "remat_zoo.json")
     ap.add_argument("--report", action="store_true", help="print the tables of --out without running")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = ap.parse_args()
     if not args.report:
         run(args.models, args.size, args.groups, args.steps, args.out)
-    print_tables(json.loads(args.out.read_text())["models"])
+    results = json.loads(args.out.read_text())["models"]
+    (print_markdown if args.markdown else print_tables)(results)
 
 
 if __name__ == "__main__":
