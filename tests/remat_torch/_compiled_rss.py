@@ -3,6 +3,7 @@ measure each step's peak by process RSS (run with MALLOC_MMAP_THRESHOLD_ so that
 freed).
 
     python _compiled_rss.py MODEL COMPILER BUDGET [BUDGET ...] [--layout-opt 0|1] [--no-dropout] [--save FILE]
+        [--trim 0|1] [--plug 0|1] [--steps N] [--peak max|median]
     python _compiled_rss.py conv-scratch
 
 MODEL: ``mlp``, ``gpt``, or a zoo model as ``zoo:NAME`` (``zoo.py``'s ``"small"`` size) or ``zoo:NAME:SIZE``.
@@ -13,8 +14,9 @@ absent); ``--no-dropout`` sets every ``nn.Dropout``'s ``p`` to 0; ``--save FILE`
 loss, the gradients and the buffers after its first step (from the state the model was built in, generator seeded
 with 7) to ``FILE`` (``torch.save``), for the caller to compare with eager's.
 
-Prints one JSON line per budget: the plan's figures, the measured peak (VmHWM after a reset, less VmRSS before), the
-median step time (process CPU seconds; one thread) and the compile time (wall).
+Prints one JSON line per budget: the plan's figures, the measured peak (VmHWM after a reset, less VmRSS before: the
+largest over ``--steps`` steps, or their median with ``--peak median``), each step's peak, the median step time
+(process CPU seconds; one thread) and the compile time (wall).
 """
 
 import argparse
@@ -51,6 +53,51 @@ def _trim() -> None:
     import ctypes
 
     ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+_LIBC = None
+
+
+def _libc():
+    import ctypes
+
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc.restype = ctypes.c_void_p
+        _LIBC.malloc.argtypes = [ctypes.c_size_t]
+        _LIBC.free.argtypes = [ctypes.c_void_p]
+    return _LIBC
+
+
+def _plug() -> list[int]:
+    """Take every free heap chunk of 64 KiB or more out of glibc's reach for the measured step (``malloc`` them,
+    pages untouched, so not resident): the step's tensors of the mmap threshold or more are then mapped anew and
+    unmapped when freed. Without it, glibc serves a large tensor from a free chunk of the heap (a hole ``malloc_trim``
+    left with its pages returned): RSS rises when the tensor is written but does not fall when it is freed, since a
+    freed heap chunk stays resident (GPT-NeoX at 0.5: ``del mul_47`` of a 256 KiB saved activation lowered RSS by 0
+    while inductor's plan freed it; its pointer was not at the 64-byte offset of a fresh mapping). Returns the
+    pointers, for :func:`_unplug` after the step."""
+    import ctypes
+
+    libc, plugs = _libc(), []
+    size = 1 << 26
+    while size >= 1 << 16:
+        p = libc.malloc(size)
+        if not p:
+            break
+        if ctypes.c_size_t.from_address(p - 8).value & 2:  # IS_MMAPPED: no free chunk of this size is left
+            libc.free(p)
+            size //= 2
+            continue
+        plugs.append(p)
+    return plugs
+
+
+def _unplug(plugs: list[int]) -> None:
+    libc = _libc()
+    for p in plugs:
+        libc.free(p)
 
 
 def build(name: str):
@@ -123,7 +170,20 @@ def main() -> None:
     parser.add_argument(
         "--trim", type=int, choices=[0, 1], default=0, help="malloc_trim(0) before each measured step"
     )
-    parser.add_argument("--steps", type=int, default=1, help="measured steps (the peak is their largest)")
+    parser.add_argument(
+        "--plug",
+        type=int,
+        choices=[0, 1],
+        default=0,
+        help="after the trim, hold glibc's free heap chunks of 64 KiB or more through each measured step",
+    )
+    parser.add_argument("--steps", type=int, default=1, help="measured steps")
+    parser.add_argument(
+        "--peak",
+        choices=["max", "median"],
+        default="max",
+        help="the measured peak: the largest of the steps' peaks, or their median",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.layout_opt is not None:
@@ -172,19 +232,21 @@ def main() -> None:
         for p in model.parameters():  # one warm step
             p.grad = None
         step(batch).backward()
-        measured, times, steps = 0, [], []
+        times, steps = [], []
         for _ in range(args.steps):
             for p in model.parameters():
                 p.grad = None
             if args.trim:
                 _trim()
+            plugs = _plug() if args.plug else []
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
             before = _rss("VmRSS")
             c0 = time.process_time()
             step(batch).backward()
             times.append(time.process_time() - c0)
             steps.append(_rss("VmHWM") - before)
-            measured = max(measured, steps[-1])
+            _unplug(plugs)
+        measured = max(steps) if args.peak == "max" else int(statistics.median(steps))
         plans = [] if backend is None else [p.to_dict() for p in backend.plans]
         row = {
             "model": args.model,
@@ -193,6 +255,7 @@ def main() -> None:
             "layout_opt": args.layout_opt,
             "no_dropout": args.no_dropout,
             "trim": bool(args.trim),
+            "plug": bool(args.plug),
             "measured": measured,
             "measured_steps": steps,
             "step_cpu_s": statistics.median(times),

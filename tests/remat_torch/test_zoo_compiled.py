@@ -20,10 +20,12 @@ Each case compiles two or three times (30-70 s each on the 2-core CPU): ``slow``
 of inductor's wrapper (``memfit._compat.inductor_wrapper_plan``) on the forms a convnet's graphs take.
 """
 
+import functools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,18 +35,44 @@ from .zoo import BUILDERS
 
 HERE = Path(__file__).resolve().parent
 BUDGET = 0.5
+STEPS = 5  # measured steps per budget; the measured peak is their median
+
+# (model, budget) pairs where inductor's plan is known to miss the measured peak by more than 5%, with the figure
+# and the cause measured (strict: the case fails once the replay or the model is fixed, and the mark must go)
+MISSES: dict[tuple[str, str], str] = {}
 
 
 def _child(name: str, budgets: list[str], *flags: str) -> list[dict]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, str(HERE / "_compiled_rss.py"), f"zoo:{name}", "inductor", *budgets, *flags],
-        capture_output=True, text=True, env=env, timeout=1200, check=False,
+        capture_output=True, text=True, env=env, timeout=1800, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == len(budgets), out.stderr[-3000:]
     return rows
+
+
+def _has_dropout(name: str) -> bool:
+    model, _, _ = BUILDERS[name]("tiny")
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+@functools.cache
+def _run(name: str) -> tuple[dict, list[dict]]:
+    """One model's children, run once for the tests below: the first compiled step's loss, gradients and buffers
+    at the budget (dropout off), and the rows of torch's partition and the budget (dropout as the model has it)."""
+    flags = ("--trim", "1", "--plug", "1", "--steps", str(STEPS), "--peak", "median")
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "step.pt"
+        if _has_dropout(name):  # gradients with dropout off; the memory as the user runs it, dropout on
+            _child(name, [str(BUDGET)], "--no-dropout", "--save", str(saved), *flags)
+            rows = _child(name, ["none", str(BUDGET)], *flags)
+        else:  # one child: --save writes the last budget's first step
+            rows = _child(name, ["none", str(BUDGET)], "--save", str(saved), *flags)
+        got = torch.load(saved)
+    return got, rows
 
 
 def _eager(name: str) -> tuple[torch.Tensor, dict, dict]:
@@ -61,31 +89,36 @@ def _eager(name: str) -> tuple[torch.Tensor, dict, dict]:
     return loss.detach(), grads, dict(model.named_buffers())
 
 
-def _has_dropout(name: str) -> bool:
-    model, _, _ = BUILDERS[name]("tiny")
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+def _plan(row: dict, name: str) -> dict:
+    """The row's plan: one graph per step (a recompile of the same graph repeats its plan)."""
+    plans = row["plans"]
+    key = ("budget_bytes", "predicted_peak_bytes", "compiled_peak_bytes")
+    assert plans and all([p[k] for k in key] == [plans[0][k] for k in key] for p in plans), (name, plans)
+    return plans[-1]
 
 
 def _gap(row: dict, name: str) -> float:
     """inductor's plan over the measured peak, less 1."""
-    (plan,) = row["plans"]
+    plan = _plan(row, name)
     compiled, measured = plan["compiled_peak_bytes"], row["measured"]
     assert compiled is not None, name
-    print(f"{name} budget {row['budget']}: inductor's plan {compiled / 2**20:.1f} MiB, measured "
-          f"{measured / 2**20:.1f} MiB ({compiled / measured - 1:+.1%}), feasible {plan['feasible']}")  # fmt: skip
+    steps = ", ".join(f"{m / 2**20:.2f}" for m in row["measured_steps"])
+    print(f"{name} budget {row['budget']}: inductor's plan {compiled / 2**20:.2f} MiB, measured "
+          f"{measured / 2**20:.2f} MiB (median of {steps}) ({compiled / measured - 1:+.1%}), "
+          f"feasible {plan['feasible']}")  # fmt: skip
     return compiled / measured - 1
 
 
+MODELS = list(BUILDERS)  # every model of the zoo, Mixtral with both expert implementations
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # two children of two compiles each (BERT) on a loaded 2-core CPU
-@pytest.mark.parametrize("name", ["bert", "llama", "resnet18"])
-def test_zoo_model_on_the_compiled_path(name, tmp_path):
-    saved = tmp_path / "step.pt"
-    dropout = _has_dropout(name)
-    # gradients and buffers at the budget (dropout off); without dropout, the same child measures the memory too
-    budgets = [str(BUDGET)] if dropout else ["none", str(BUDGET)]
-    rows = _child(name, budgets, "--no-dropout", "--save", str(saved), "--trim", "1", "--steps", "3")
-    got = torch.load(saved)
+@pytest.mark.timeout(
+    3600
+)  # the first test of a model runs its children (Mamba, T5: 10 min on a loaded 2-core CPU)
+@pytest.mark.parametrize("name", MODELS)
+def test_zoo_model_gradients_and_buffers_on_the_compiled_path(name):
+    got, _ = _run(name)
     ref_loss, ref_grads, ref_buffers = _eager(name)
     torch.testing.assert_close(got["loss"], ref_loss, rtol=1e-4, atol=1e-5, msg=name)
     assert got["grads"].keys() == ref_grads.keys(), name
@@ -97,14 +130,40 @@ def test_zoo_model_on_the_compiled_path(name, tmp_path):
     if name == "resnet18":
         counts = [b for n, b in got["buffers"].items() if n.endswith("num_batches_tracked")]
         assert counts and all(int(c) == 1 for c in counts), name
-    if dropout:  # the memory as the user runs it: dropout on
-        rows = _child(name, ["none", str(BUDGET)], "--trim", "1", "--steps", "3")
-    full, half = rows
-    # torch's partition and memfit's at 0.5: inductor's plan within 5% of the measured peak (RSS after glibc's
-    # malloc_trim, so that the step cannot reuse free heap pages left resident by earlier steps)
-    assert abs(_gap(full, name)) <= 0.05, name
-    assert abs(_gap(half, name)) <= 0.05, name
-    assert half["measured"] < full["measured"], name  # the budget lowers the measured peak
+
+
+def _cases() -> list:
+    out = []
+    for name in MODELS:
+        for budget in ("none", str(BUDGET)):
+            miss = MISSES.get((name, budget))
+            marks = [pytest.mark.xfail(strict=True, reason=miss)] if miss else []
+            out.append(pytest.param(name, budget, marks=marks, id=f"{name}-{budget}"))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize(("name", "budget"), _cases())
+def test_zoo_model_inductor_plan_within_5_percent_of_rss(name, budget):
+    """Inductor's plan within 5% of the measured peak (RSS after glibc's malloc_trim, so that the step cannot reuse
+    free heap pages left resident by earlier steps; the median of the steps' peaks), at torch's partition and at
+    the budget, dropout as the model has it."""
+    _, (full, half) = _run(name)
+    assert abs(_gap(full if budget == "none" else half, name)) <= 0.05, name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("name", MODELS)
+def test_zoo_model_budget_lowers_the_measured_peak(name):
+    _, (full, half) = _run(name)
+    assert half["measured"] < full["measured"], name
+    plan = _plan(half, name)
+    # feasible exactly when inductor's plan fits the budget (an infeasible plan says so, and is kept only when
+    # no compile reached the budget)
+    assert plan["feasible"] == (plan["compiled_peak_bytes"] <= plan["budget_bytes"]), (name, plan)
+    assert plan["compiled_peak_bytes"] < _plan(full, name)["compiled_peak_bytes"], name
 
 
 # the forward of a convolution under CPU inductor's layout optimisation (torch 2.13's codegen, trimmed): the weight
