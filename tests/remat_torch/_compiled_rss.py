@@ -5,6 +5,7 @@ freed).
     python _compiled_rss.py MODEL COMPILER BUDGET [BUDGET ...] [--layout-opt 0|1] [--no-dropout] [--save FILE]
         [--trim 0|1] [--plug 0|1] [--steps N] [--peak max|median]
     python _compiled_rss.py conv-scratch
+    python _compiled_rss.py heap-holes
 
 MODEL: ``mlp``, ``gpt``, or a zoo model as ``zoo:NAME`` (``zoo.py``'s ``"small"`` size) or ``zoo:NAME:SIZE``.
 COMPILER: ``inductor`` or ``aot_eager`` (memfit's backend with that compiler), ``torch`` (``torch.compile``'s own
@@ -156,9 +157,33 @@ def conv_scratch() -> None:
             print(json.dumps(row), flush=True)
 
 
+def heap_holes() -> None:
+    """``python _compiled_rss.py heap-holes``: what freeing a 1 MiB tensor returns to the OS when a free heap hole
+    could hold it (small tensors freed below a live one, then ``malloc_trim``), without and with :func:`_plug`; one
+    JSON line of bytes."""
+    torch.set_num_threads(1)
+    drops = {}
+    for plug in (False, True):
+        small = [torch.ones(8192) for _ in range(64)]  # 32 KiB each: heap chunks below the mmap threshold
+        pin = torch.ones(8192)  # a live chunk above them: the hole they leave is not the heap's top
+        del small
+        _trim()
+        plugs = _plug() if plug else []
+        big = torch.ones(1 << 18)  # 1 MiB, written: resident
+        before = _rss("VmRSS")
+        del big
+        drops["plugged" if plug else "plain"] = before - _rss("VmRSS")
+        _unplug(plugs)
+        del pin
+    print(json.dumps(drops), flush=True)
+
+
 def main() -> None:
     if sys.argv[1:] == ["conv-scratch"]:
         conv_scratch()
+        return
+    if sys.argv[1:] == ["heap-holes"]:
+        heap_holes()
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("model")

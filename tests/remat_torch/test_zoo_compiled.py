@@ -275,3 +275,19 @@ def test_inductor_wrapper_plan_holds_tuple_items_until_the_tuple_is_deleted():
     assert plan.peak == sum(args.values()) - g + 3 * g + 3 * g + 3 * g
     # returned: buf5, buf4 and buf3 (an item of a tuple deleted before the return: it owns its bytes)
     assert plan.returned == (3 * g, 3 * g, g)
+
+
+def test_plugged_heap_holes_let_rss_follow_a_freed_tensor():
+    """The measurement the slow tests rely on (``_compiled_rss.py --plug``): with a free hole in glibc's heap (small
+    tensors freed below a live one, pages returned by ``malloc_trim``), a 1 MiB tensor is served from the hole and
+    freeing it returns nothing to the OS; with the holes plugged it is mapped anew, and freeing it lowers RSS by
+    its size (page rounding aside)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(HERE / "_compiled_rss.py"), "heap-holes"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    drops = json.loads(out.stdout.splitlines()[-1])
+    assert drops["plain"] < 2**18, drops  # the artefact: the freed tensor stays resident
+    assert 2**20 <= drops["plugged"] <= 2**20 + 2 * 4096, drops
