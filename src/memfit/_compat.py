@@ -282,7 +282,9 @@ def inductor_wrapper_plan(
     tuple and the item's own name are deleted (``del bufM`` after ``bufM = bufN[i]`` frees nothing while ``bufN``
     lives): measured on GPT-NeoX's backward, where ``_scaled_dot_product_flash_attention_for_cpu_backward``'s three
     gradients stay resident from its call to ``del bufN``, RSS 0.8 MB above a replay that counted each item from
-    its ``assert_size_stride`` to its own ``del``.
+    its ``assert_size_stride`` to its own ``del``. A name bound to another buffer (``bufM = bufN``, as the wrapper
+    writes for a custom op's output, e.g. transformers' ``grouped_mm_fallback``; or
+    ``bufM = reinterpret_tensor(bufN, ...)  # alias``) shares its memory, freed when every name of it is deleted.
 
     With ``onednn_scratch`` (a CPU graph, oneDNN convolutions), a convolution's call also holds its outputs and
     oneDNN's own buffers at once, before the wrapper frees its inputs. Measured on torch 2.13's CPU build (fp32,
@@ -324,11 +326,15 @@ def inductor_wrapper_plan(
     item = re.compile(r"(\w+) = (\w+)\[\d+\]$")
     checked = re.compile(rf"assert_size_stride\((\w+), {_SHAPE}")
     view = re.compile(rf"reinterpret_tensor\((\w+), {_SHAPE}")
+    alias = re.compile(r"(\w+) = (?:reinterpret_tensor\((\w+), .*\)\s+# alias|(\w+))$")
     shapes: dict[str, tuple[list[int], list[int]]] = {}  # name -> (sizes, strides), where the wrapper says
     pending: set[str] = set()  # fallback outputs whose extent the next assert_size_stride gives
     returned: set[str] = set()  # the (tuple) results of fallback kernels
     held: dict[str, dict[str, int]] = {}  # a live tuple result -> its items still named, with their bytes
     holder: dict[str, str] = {}  # a named item (or what reuses its buffer) -> the live tuple that holds it
+    root: dict[str, str] = {}  # a second name of a buffer -> the name that carries its bytes
+    sharers: dict[str, set[str]] = {}  # a name that carries bytes -> the second names still alive
+    dead: dict[str, int] = {}  # a deleted name whose bytes its second names keep
     live: dict[str, int] = {}
     peak = 0
     total = 0
@@ -417,6 +423,13 @@ def inductor_wrapper_plan(
         m = reuse.match(s)
         if m:
             live[m.group(1)] = live.pop(m.group(2), 0)
+            if m.group(2) in sharers:  # the new name carries the bytes its second names share
+                sharers[m.group(1)] = sharers.pop(m.group(2))
+                root.update(dict.fromkeys(sharers[m.group(1)], m.group(1)))
+            if m.group(2) in root:
+                owner = root.pop(m.group(2))
+                root[m.group(1)] = owner
+                sharers[owner] = (sharers[owner] - {m.group(2)}) | {m.group(1)}
             if m.group(2) in holder:  # an item of a live tuple: its new name references the tuple's item
                 owner = holder.pop(m.group(2))
                 holder[m.group(1)] = owner
@@ -448,15 +461,35 @@ def inductor_wrapper_plan(
         if m and m.group(2) in held:
             live[m.group(1)] = 0  # the tuple holds its bytes
             continue
+        m = alias.match(s)
+        if m and (m.group(2) or m.group(3)) in live:
+            base = m.group(2) or m.group(3)
+            owner = root.get(base, base)
+            root[m.group(1)] = owner
+            sharers.setdefault(owner, set()).add(m.group(1))
+            live[m.group(1)] = 0
+            if base in pending:  # a fallback's output: the assert on either name gives its extent
+                pending.add(m.group(1))
+            vm = view.search(s)
+            if vm:
+                shapes[m.group(1)] = (_ints(vm.group(2)), _ints(vm.group(3)))
+            elif base in shapes:
+                shapes[m.group(1)] = shapes[base]
+            continue
         m = checked.match(s)
         if m:
             sizes, strides = _ints(m.group(2)), _ints(m.group(3))
             shapes.setdefault(m.group(1), (sizes, strides))
             if m.group(1) in pending:
-                pending.discard(m.group(1))
+                owner = root.get(m.group(1), m.group(1))
+                pending.difference_update({owner, *sharers.get(owner, ())})
                 if len(sizes) == len(strides):
-                    live[m.group(1)] = _extent(sizes, strides) * fallback_itemsize
-                    total += live[m.group(1)]
+                    size = _extent(sizes, strides) * fallback_itemsize
+                    if owner in live:
+                        live[owner] += size
+                    else:
+                        dead[owner] = dead.get(owner, 0) + size
+                    total += size
                     peak = max(peak, total)
             continue
         if s.startswith("del "):
@@ -465,6 +498,18 @@ def inductor_wrapper_plan(
                     held[holder.pop(name)].pop(name, None)
                     live.pop(name, None)
                     continue
+                if name in root:  # a second name: the bytes go when the last name of them does
+                    owner = root.pop(name)
+                    sharers[owner].discard(name)
+                    live.pop(name, None)
+                    if not sharers[owner]:
+                        del sharers[owner]
+                        total -= dead.pop(owner, 0)
+                    continue
+                if sharers.get(name):  # second names still alive keep the bytes
+                    dead[name] = live.pop(name, 0)
+                    continue
+                sharers.pop(name, None)
                 total -= live.pop(name, 0)
                 for kept, size in held.pop(name, {}).items():  # a tuple: items still named keep their bytes
                     holder.pop(kept, None)

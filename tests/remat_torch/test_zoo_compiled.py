@@ -291,3 +291,39 @@ def test_plugged_heap_holes_let_rss_follow_a_freed_tensor():
     drops = json.loads(out.stdout.splitlines()[-1])
     assert drops["plain"] < 2**18, drops  # the artefact: the freed tensor stays resident
     assert 2**20 <= drops["plugged"] <= 2**20 + 2 * 4096, drops
+
+
+# Mixtral's experts with HF's default grouped_mm on CPU inductor (torch 2.13, trimmed): transformers' custom op
+# returns a tensor the wrapper binds to a second name (``buf39 = buf38``) and checks under that name; a view of a
+# buffer under a second name (``# alias``) keeps it alive after the first name's ``del``
+_GROUPED_MM_FORWARD = """
+    def call(self, args):
+        x, w, offs = args
+        args.clear()
+        buf38 = torch.ops.transformers.grouped_mm_fallback.default(x, reinterpret_tensor(w, (4, 128, 1024), (131072, 1, 128), 0), offs)
+        buf39 = buf38
+        assert_size_stride(buf39, (1024, 1024), (1024, 1), 'torch.ops.transformers.grouped_mm_fallback.default')
+        del buf38
+        buf40 = empty_strided_cpu((1024, 512), (512, 1), torch.float32)
+        buf41 = reinterpret_tensor(buf40, (1024, 256), (512, 1), 0)  # alias
+        cpp_fused_0(buf39, buf40)
+        del buf39
+        del buf40
+        buf42 = empty_strided_cpu((1024, 128), (128, 1), torch.float32)
+        cpp_fused_1(buf41, buf42)
+        del buf41
+        return (buf42, )
+"""
+
+
+def test_inductor_wrapper_plan_follows_second_names_of_a_buffer():
+    from memfit import _compat
+
+    args = {"x": 1024 * 128 * 4, "w": 0, "offs": 16}
+    plan = _compat.inductor_wrapper_plan(_GROUPED_MM_FORWARD, args)
+    assert plan is not None
+    out, gated, down = 1024 * 1024 * 4, 1024 * 512 * 4, 1024 * 128 * 4
+    # the custom op's output (4 MiB, checked as buf39) with buf40; then buf39 freed, buf40 kept by its alias buf41
+    # while buf42 is allocated
+    assert plan.peak == sum(args.values()) + max(out + gated, gated + down)
+    assert plan.returned == (down,)
