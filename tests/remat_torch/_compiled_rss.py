@@ -11,7 +11,7 @@ MODEL: ``mlp``, ``gpt``, or a zoo model as ``zoo:NAME`` (``zoo.py``'s ``"small"`
 COMPILER: ``inductor`` or ``aot_eager`` (memfit's backend with that compiler), ``torch`` (``torch.compile``'s own
 default, no memfit: BUDGET must be ``none``) or ``eager`` (no compile: BUDGET must be ``none``). BUDGET: a float,
 or ``none``. ``--layout-opt`` sets ``torch._inductor.config.layout_optimization`` (inductor's own default when
-absent); ``--no-dropout`` sets every ``nn.Dropout``'s ``p`` to 0; ``--save FILE`` writes, for the last budget, the
+absent); ``--no-dropout`` sets every ``nn.Dropout``'s ``p`` and HF's float attention dropout rates to 0; ``--save FILE`` writes, for the last budget, the
 loss, the gradients and the buffers after its first step (from the state the model was built in, generator seeded
 with 7) to ``FILE`` (``torch.save``), for the caller to compare with eager's.
 
@@ -118,6 +118,17 @@ def build(name: str):
     raise ValueError(name)
 
 
+def no_dropout(model: torch.nn.Module) -> None:
+    """Dropout off: every ``nn.Dropout``'s ``p``, and the attention dropout rates HF modules keep as floats (T5's
+    ``T5Attention.dropout``, ViT's and GPT-NeoX's ``attention_dropout``), set to 0."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for attr in ("dropout", "attention_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+
+
 def conv_scratch() -> None:
     """``python _compiled_rss.py conv-scratch``: the peak RSS of single oneDNN convolution calls (forward and
     backward, batch 16, both layouts) and the bytes of their outputs, one JSON line per shape: what
@@ -217,9 +228,7 @@ def main() -> None:
         inductor_config.layout_optimization = bool(args.layout_opt)
     model, loss_fn, batch = build(args.model)
     if args.no_dropout:
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
+        no_dropout(model)
     # the state the model was built in, for --save's step (buffers updated once from it); not kept otherwise
     initial = copy.deepcopy(model.state_dict()) if args.save else None
     for text in args.budgets:
