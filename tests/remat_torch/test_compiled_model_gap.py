@@ -139,7 +139,7 @@ def test_scan_in_one_kernel_as_in_inductors_plan(monkeypatch):
     assert abs(plan.predicted_peak_bytes / plan.compiled_peak_bytes - 1) < 0.05
     # the model without the rule: each value its own kernel
     monkeypatch.setattr(
-        model, "_kernels", lambda items, kind, inputs, stored, *a: {v: (items.index(v),) * 2 for v in stored}
+        model, "_kernels", lambda items, inputs, stored, ends: {v: (items.index(v),) * 2 for v in stored}
     )
     apart = _plan(_Scan(), batch, None)
     assert apart.compiled_peak_bytes == plan.compiled_peak_bytes  # the same graphs for inductor
@@ -164,10 +164,18 @@ def test_kernels_join_reads_within_a_stretch_between_extern_kernels():
     by = {str(n.target).split(".")[1] if n.op == "call_function" else n.name: n for n in nodes}
     kinds = {n: fusion._kind(n) for n in nodes}
     stored = [by["sin"], by["add"], by["cos"], by["exp"], by["mm"]]
-    k = fusion._kernels(nodes, kinds.__getitem__, lambda n: n.all_input_nodes, stored)
+    k = fusion._kernels(
+        nodes, lambda n: n.all_input_nodes, stored, lambda n: fusion._ends_stretch(n, kinds[n])
+    )
     pos = {n: i for i, n in enumerate(nodes)}
     assert k[by["sin"]] == k[by["add"]] == (pos[by["sin"]], pos[by["add"]])
     assert k[by["cos"]] == (pos[by["cos"]],) * 2
+    # a scatter is a kernel of its own (inductor lowers it to a mutation it does not fuse)
+    scatter = make_fx(
+        lambda v, i: torch.zeros(8, 4).index_put((i,), v.exp(), accumulate=True), tracing_mode="fake"
+    )(torch.randn(3, 4), torch.tensor([0, 2, 2]))
+    put = next(n for n in scatter.graph.nodes if n.target is torch.ops.aten.index_put.default)
+    assert fusion._ends_stretch(put, fusion._kind(put))
     assert k[by["exp"]] == (pos[by["exp"]],) * 2
     assert k[by["mm"]] == (pos[by["mm"]],) * 2
 

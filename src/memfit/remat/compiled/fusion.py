@@ -434,16 +434,14 @@ class _Fusion:
 
 def _kernels(
     items: Sequence[Any],
-    kind: Callable[[Any], str],
     inputs: Callable[[Any], Iterable[Any]],
     stored: Iterable[Any],
-    cut: Callable[[Any], bool] = lambda item: False,
-    node: Callable[[Any], fx.Node] = lambda item: item,
+    ends_stretch: Callable[[Any], bool],
 ) -> dict[Any, tuple[int, int]]:
     """Each stored value's kernel, as ``(first, last)``: the positions in ``items`` (values run in order: fx nodes,
-    or a model's keys with ``node`` giving each one's fx node) of the first and the last stored value that inductor
-    computes in the same kernel. ``inputs`` gives the values an item reads; ``cut`` marks more items that end a
-    stretch (matmuls fused into their adds, the backward's start).
+    or a model's keys) of the first and the last stored value that inductor computes in the same kernel.
+    ``inputs`` gives the values an item reads; ``ends_stretch`` the items that are no part of a fused kernel
+    (:func:`_ends_stretch`, and the caller's own: matmuls fused into their adds, the backward's start).
 
     Between two extern kernels (a matmul, a convolution, a fallback op inductor has no lowering for, the pieces of a
     multi-output op), inductor's scheduler fuses pointwise work with the work that reads it into one kernel, which
@@ -457,22 +455,11 @@ def _kernels(
     modelled (fusing values of equal size that share a read, within 64 kernels, put the model 5-44% over inductor's
     plans on BERT, GPT-NeoX, ViT and memfit's GPT, where inductor's peak-memory checks keep them apart)."""
     index = {item: i for i, item in enumerate(items)}
-    rules = _compat.inductor_inline_rules()
-
-    def is_cut(item: Any) -> bool:
-        k = kind(item)
-        if k in ("input", "extern", "getitem") or cut(item):
-            return True
-        n = node(item)
-        if _name(n) in _SCATTER:
-            return True
-        # a one-row bmm is a multiply and a sum (:func:`_dot_bmm`), fused like any reduction
-        return k == "other" and not (_dot_bmm(n) or (n.op == "call_function" and rules.lowered(n.target)))
 
     stretch: dict[Any, int] = {}
     current = 0
     for item in items:
-        if is_cut(item):
+        if ends_stretch(item):
             current += 1
             continue
         stretch[item] = current
@@ -500,6 +487,17 @@ def _kernels(
             first, last = span.get(r, (index[item], index[item]))
             span[r] = (min(first, index[item]), max(last, index[item]))
     return {v: span[root(v)] if v in stretch else (index[v], index[v]) for v in stored}
+
+
+def _ends_stretch(n: fx.Node, kind: str) -> bool:
+    """Whether inductor runs ``n`` outside any fused kernel (an input, an extern kernel, a fallback op it has no
+    lowering for, a multi-output op's pieces, a scatter), which ends a stretch of :func:`_kernels`."""
+    if kind in ("input", "extern", "getitem") or _name(n) in _SCATTER:
+        return True
+    # a one-row bmm is a multiply and a sum (:func:`_dot_bmm`), fused like any reduction
+    return kind == "other" and not (
+        _dot_bmm(n) or (n.op == "call_function" and _compat.inductor_inline_rules().lowered(n.target))
+    )
 
 
 def _uses(

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from memfit.remat.compiled.fusion import (
     _call_scratch,
+    _ends_stretch,
     _Fusion,
     _is_impure,
     _is_random,
@@ -116,6 +117,10 @@ class _Model:
                 self.nodes, False
             )  # an add of the forward: as it is
         self.addmm = set(self.fused_mm.values())
+        # nodes no fused kernel holds (fusion._kernels)
+        self._ends_stretch = {
+            n: n in self.fused_mm or n in self.addmm or _ends_stretch(n, self.kind[n]) for n in self.nodes
+        }
         self._fuses_memo: dict[fx.Node, bool] = {}
         # inductor's channels-last copies of the forward's inputs (parameters, the batch), live from the forward's
         # start to their last reader, and the scratch of oneDNN convolution calls (fusion._layout_copies,
@@ -163,11 +168,15 @@ class _Model:
         users: dict[tuple[fx.Node, bool], list[fx.Node]] = {}
         reader_keys: dict[tuple[fx.Node, bool], list[tuple[fx.Node, bool]]] = {}
         storage_reads: list[tuple[int, tuple[fx.Node, bool]]] = []
+        read_keys: list[list[tuple[fx.Node, bool]]] = []  # by position: the values each one reads
         for i, (n, again) in enumerate(seq):
+            keys: list[tuple[fx.Node, bool]] = []
+            read_keys.append(keys)
             for a in self.reads[n]:
                 src = self._source(a, n, again, recompute)
                 if src is None:
                     continue
+                keys.append(src)
                 users.setdefault(src, []).append(n)
                 reader_keys.setdefault(src, []).append((n, again))
                 # the storage read: a view's base, in the copy the reader sees (a recomputed view of a saved base
@@ -182,8 +191,10 @@ class _Model:
             n, again = key
             kept = (n in saved and not again) or n in self.bw_outputs or n in self.fw_outputs
             inputs = [self._source(a, n, again, recompute) or a for a in self.reads[n]]
-            uses = _uses(
-                reader_keys.get(key, ()), lambda k: self.kind[k[0]], lambda k: reader_keys.get(k, ())
+            uses = (  # only a pointwise value's store-or-inline choice reads it
+                _uses(reader_keys.get(key, ()), lambda k: self.kind[k[0]], lambda k: reader_keys.get(k, ()))
+                if self.kind[n] == "pointwise"
+                else None
             )
             if self._materialized(key, users.get(key, ()), kept, fusion, inputs, uses):
                 stored.add(key)
@@ -226,7 +237,7 @@ class _Model:
             adds[len(self.fw)] = adds.get(len(self.fw), 0) + size
             frees[end] = frees.get(end, 0) + size
         # the kernels values are computed in: a kernel's buffers are allocated when it starts, live until it ends
-        kernels = self._kernels(seq, stored, recompute)
+        kernels = self._kernels(seq, stored, lambda key: read_keys[position[key]])
         starts: dict[int, list[tuple[fx.Node, bool]]] = {}
         for key in stored:
             starts.setdefault(kernels[key][0], []).append(key)
@@ -245,27 +256,19 @@ class _Model:
         self,
         seq: list[tuple[fx.Node, bool]],
         stored: set[tuple[fx.Node, bool]],
-        recompute: set[fx.Node],
+        inputs: Callable[[tuple[fx.Node, bool]], Iterable[tuple[fx.Node, bool]]],
     ) -> dict[tuple[fx.Node, bool], tuple[int, int]]:
         """:func:`~memfit.remat.compiled.fusion._kernels` over the simulated sequence: each stored value's kernel
         as ``(first, last)`` positions in ``seq``; the backward starts a stretch of its own."""
-        position = {key: i for i, key in enumerate(seq)}
         if not self.fused:
-            return {key: (position[key], position[key]) for key in stored}
-        bw_start = len(self.fw)
+            return {key: (i, i) for i, key in enumerate(seq) if key in stored}
+        first_bw = seq[len(self.fw)] if len(self.fw) < len(seq) else None
+        ends = self._ends_stretch
 
-        def inputs(key: tuple[fx.Node, bool]) -> list[tuple[fx.Node, bool]]:
-            n, again = key
-            return [s for a in self.reads[n] if (s := self._source(a, n, again, recompute)) is not None]
+        def ends_stretch(key: tuple[fx.Node, bool]) -> bool:
+            return ends[key[0]] or key is first_bw
 
-        return _kernels(
-            seq,
-            lambda key: self.kind[key[0]],
-            inputs,
-            stored,
-            lambda key: key[0] in self.fused_mm or key[0] in self.addmm or position[key] == bw_start,
-            lambda key: key[0],
-        )
+        return _kernels(seq, inputs, stored, ends_stretch)
 
     def _source(
         self, a: fx.Node, reader: fx.Node, again: bool, recompute: set[fx.Node]
@@ -558,7 +561,9 @@ def _run_peak(
             last[owner[a]] = max(last.get(owner[a], -1), run[i])
     matmuls = set(fused_mm) | addmm
     kernels = (
-        _kernels(nodes, lambda n: kind[n], lambda n: n.all_input_nodes, stored, matmuls.__contains__)
+        _kernels(
+            nodes, lambda n: n.all_input_nodes, stored, lambda n: n in matmuls or _ends_stretch(n, kind[n])
+        )
         if fused
         else {n: (index[n], index[n]) for n in stored}
     )
