@@ -257,18 +257,23 @@ def test_inductor_wrapper_plan_counts_layout_copies_and_onednn_scratch():
     assert _compat.inductor_wrapper_peak(_INDUCTOR_FORWARD, args) == plain.peak
 
 
+def _measure(mode: str, timeout: int) -> str:
+    """The child's standard output for one of its measurement modes (``conv-scratch``, ``heap-holes``)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(HERE / "_compiled_rss.py"), mode],
+        capture_output=True, text=True, env=env, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 def test_onednn_scratch_rule_against_measured_convolutions():
     """The rule ``inductor_wrapper_plan(onednn_scratch=True)`` restates, against the peak RSS of single oneDNN
     convolution calls (``_compiled_rss.py conv-scratch``, 3x3 convolutions of 128-512 channels, batch 16): beyond
     its outputs, a forward call holds the weight (plus the output when the input is not channels-last), a backward
     call twice the weight with channels-last inputs (the weight plus the output gradient otherwise)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, str(HERE / "_compiled_rss.py"), "conv-scratch"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in _measure("conv-scratch", 300).splitlines() if line.startswith("{")]
     assert len(rows) == 8
     for r in rows:
         w, o = r["weight_bytes"], r["out_bytes"]
@@ -332,13 +337,7 @@ def test_plugged_heap_holes_let_rss_follow_a_freed_tensor():
     tensors freed below a live one, pages returned by ``malloc_trim``), a 1 MiB tensor is served from the hole and
     freeing it returns nothing to the OS; with the holes plugged it is mapped anew, and freeing it lowers RSS by
     its size (page rounding aside)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, str(HERE / "_compiled_rss.py"), "heap-holes"],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    drops = json.loads(out.stdout.splitlines()[-1])
+    drops = json.loads(_measure("heap-holes", 120).splitlines()[-1])
     assert drops["plain"] < 2**18, drops  # the artefact: the freed tensor stays resident
     assert 2**20 <= drops["plugged"] <= 2**20 + 2 * 4096, drops
 
