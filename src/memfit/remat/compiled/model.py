@@ -163,7 +163,6 @@ class _Model:
         saved = self.saved_set(recompute)
         bw_seq = self._backward_order(recompute)
         seq = [(n, False) for n in self.fw] + bw_seq
-        # last use of each storage owner over the whole sequence; recomputed copies are distinct values
         position: dict[tuple[fx.Node, bool], int] = {key: i for i, key in enumerate(seq)}
         users: dict[tuple[fx.Node, bool], list[fx.Node]] = {}
         reader_keys: dict[tuple[fx.Node, bool], list[tuple[fx.Node, bool]]] = {}
@@ -522,12 +521,6 @@ def _run_peak(
     when it starts and live until it ends (:func:`~memfit.remat.compiled.fusion._kernels`)."""
     reads, fused_mm = _reads_after_fusion(nodes, fused)
     addmm = set(fused_mm.values())
-    last: dict[fx.Node, int] = {}
-    for i, n in enumerate(nodes):
-        for a in reads[n]:
-            last[owner[a]] = i
-    for n in keep:  # an output that is a view (a transposed weight gradient) keeps its base
-        last[owner[n]] = len(nodes)
     # which values get a buffer: inductor's store-or-inline choice, made in order
     stored: dict[fx.Node, int] = {}
     fusion = _Fusion(addmm)
@@ -556,9 +549,12 @@ def _run_peak(
     index = {n: i for i, n in enumerate(nodes)}
     # an inlined value (or a view) reads its inputs where the kernels that read it run
     run = _run_positions(nodes, stored, lambda n: [u for u in n.users if u in index], index.__getitem__)
+    last: dict[fx.Node, int] = {}
     for i, n in enumerate(nodes):
         for a in reads[n]:
             last[owner[a]] = max(last.get(owner[a], -1), run[i])
+    for n in keep:  # an output that is a view (a transposed weight gradient) keeps its base
+        last[owner[n]] = len(nodes)
     matmuls = set(fused_mm) | addmm
     kernels = (
         _kernels(
