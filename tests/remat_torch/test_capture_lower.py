@@ -2,6 +2,7 @@
 
 import copy
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -136,6 +137,33 @@ def test_random_ops_are_recomputed_with_the_same_masks_and_draw_what_eager_autog
     torch.testing.assert_close(again[cap.loss_index], loss.detach())
     for name, i in cap.grad_outputs.items():
         torch.testing.assert_close(again[i], m.get_parameter(name.removeprefix("model.")).grad)
+
+
+def test_random_ops_are_priced_by_the_elements_they_draw(monkeypatch):
+    """With ``Rates.random_elements_per_s``, a dropout costs its elements at that rate and dispatch, not the bytes
+    it moves (a CPU generator draws an element in the time 25 bytes stream); without it, bytes as any op."""
+    from memfit.remat.eager import capture as capture_module
+
+    torch.manual_seed(0)
+    model = mlp(width=16, depth=3, dropout=0.3)
+    batch = vector_batch(8, 16)
+    base = capture_module.Rates(flops_per_s=1e10, bytes_per_s=1e10, op_overhead_s=1e-6)
+    costs = {}
+    for rate in (None, 1e7):
+        monkeypatch.setitem(capture_module._RATES, "cpu", replace(base, random_elements_per_s=rate))
+        cap = capture(model, xent, batch)
+        costs[rate] = {
+            v: cap.graph.cost(v)
+            for v, r in enumerate(cap.refs)
+            if r is not None and r.random is not None and not r.rng
+        }
+        nodes = {r.node for r in cap.refs if r is not None and r.random is not None}
+    # a dropout after each of the 3 layers, each with an output, a mask and the generator state after it
+    assert len(nodes) == 3 and costs[None].keys() == costs[1e7].keys()
+    for v, cost in costs[1e7].items():
+        # every output of the op (and the generator state) costs the whole call: 8 x 16 elements drawn
+        assert cost == pytest.approx(8 * 16 / 1e7 + 1e-6)
+        assert costs[None][v] == pytest.approx((8 * 16 * 4 * 2 + 8 * 16) / 1e10 + 1e-6)
 
 
 def test_attention_without_dropout_is_not_random():

@@ -254,6 +254,16 @@ def test_given_rates_fix_the_plan():
         ({"flops_per_s": 1e9, "bytes_per_s": 0.0, "op_overhead_s": 0.0}, ValueError, "bytes_per_s > 0"),
         ({"flops_per_s": float("nan"), "bytes_per_s": 1e9, "op_overhead_s": 0.0}, TypeError, "finite"),
         ({"flops_per_s": "fast", "bytes_per_s": 1e9, "op_overhead_s": 0.0}, TypeError, "finite number"),
+        (
+            {"flops_per_s": 1e9, "bytes_per_s": 1e9, "op_overhead_s": 0.0, "random_elements_per_s": 0.0},
+            ValueError,
+            "optional rates > 0",
+        ),
+        (
+            {"flops_per_s": 1e9, "bytes_per_s": 1e9, "op_overhead_s": 0.0, "random_elements_per_s": True},
+            TypeError,
+            "random_elements_per_s",
+        ),
     ],
 )
 def test_bad_rates_are_a_clear_error(kwargs, error, match):
@@ -268,7 +278,7 @@ def test_backend_rejects_rates_of_another_type():
 
 def test_calibrate_measures_positive_rates_once_per_process():
     r = memfit.remat.calibrate("cpu")
-    assert r.flops_per_s > 0 and r.bytes_per_s > 0 and r.op_overhead_s >= 0
+    assert r.flops_per_s > 0 and r.bytes_per_s > 0 and r.op_overhead_s >= 0 and r.random_elements_per_s > 0
     assert memfit.remat.calibrate(torch.device("cpu")) is r  # cached
 
 

@@ -239,6 +239,10 @@ class Rates:
     ``conv_flops_per_s`` and their backward at ``conv_backward_flops_per_s`` where given: on a CPU neither reaches
     the matmul rate, and the backward runs slower per FLOP than the forward (ResNet-18: with one rate for all, its
     forward convolutions took 32% of the predicted step and 22% of the profiled one, the backward 61% and 67%).
+    A random op draws its largest output's elements at ``random_elements_per_s`` where given, in place of the bytes
+    it moves: a CPU generator draws one element in about the time 25 bytes stream (dropout 8.4 ns an element, a
+    multiply 0.35 ns, one thread), so priced by its bytes a dropout read 1/20 of its time, and the least-memory
+    schedules of BERT and T5, which recompute their dropouts many times, ran 17-23% over their predicted compute.
 
     :func:`calibrate` measures them (once per process and device). Measured on a shared machine they move by
     10-30% between processes, and the plans that depend on them can move with them: pass one ``Rates`` to every
@@ -250,9 +254,10 @@ class Rates:
     op_overhead_s: float
     conv_flops_per_s: float | None = None
     conv_backward_flops_per_s: float | None = None
+    random_elements_per_s: float | None = None
 
     def __post_init__(self) -> None:
-        optional = ("conv_flops_per_s", "conv_backward_flops_per_s")
+        optional = ("conv_flops_per_s", "conv_backward_flops_per_s", "random_elements_per_s")
         for name in ("flops_per_s", "bytes_per_s", "op_overhead_s", *optional):
             value = getattr(self, name)
             if name in optional and value is None:
@@ -263,10 +268,16 @@ class Rates:
             self.flops_per_s <= 0
             or self.bytes_per_s <= 0
             or self.op_overhead_s < 0
-            or min(self.conv_flops_per_s or 1, self.conv_backward_flops_per_s or 1) <= 0
+            or min(
+                self.conv_flops_per_s or 1,
+                self.conv_backward_flops_per_s or 1,
+                self.random_elements_per_s or 1,
+            )
+            <= 0
         ):
             raise ValueError(
-                f"Rates must have flops_per_s > 0, bytes_per_s > 0 and op_overhead_s >= 0; got {self}"
+                "Rates must have flops_per_s > 0, bytes_per_s > 0, op_overhead_s >= 0 and the optional rates > 0; "
+                f"got {self}"
             )
 
 
@@ -296,7 +307,8 @@ def _calibrate(device: torch.device) -> Rates:
 
 
 def _measure(device: torch.device) -> Rates:
-    """Time a matmul, a streaming multiply, a tiny op and a convolution (forward, backward) on ``device``."""
+    """Time a matmul, a streaming multiply, a tiny op, a dropout and a convolution (forward, backward) on
+    ``device``."""
 
     def sync() -> None:
         if device.type == "cuda":
@@ -318,6 +330,8 @@ def _measure(device: torch.device) -> Rates:
     flops = 2 * n**3 / best(lambda: a @ a)
     big = torch.empty(4 * 2**20, device=device)  # 16 MiB: beyond most caches on the devices we run on
     bandwidth = 2 * big.numel() * 4 / best(lambda: big.mul(2.0))
+    # a whole dropout (draws, mask, scaling): what a random op's elements cost, its memory traffic included
+    random = big.numel() / best(lambda: torch.ops.aten.native_dropout.default(big, 0.1, True), reps=3)
     tiny = torch.empty(1, device=device)
     overhead = best(lambda: [tiny.add(1) for _ in range(100)]) / 100
     # a 3x3 convolution and its backward (ResNet's stage-1 shape, batch 4 at 32x32 on a CPU): FLOPs by torch's formulas
@@ -345,6 +359,7 @@ def _measure(device: torch.device) -> Rates:
         op_overhead_s=overhead,
         conv_flops_per_s=conv_flops / forward,
         conv_backward_flops_per_s=2 * conv_flops / backward,
+        random_elements_per_s=random,
     )
     return rates
 
@@ -376,10 +391,15 @@ def _written(record: _Record) -> int:
 
 
 def _estimate_cost(node: fx.Node, out_bytes: int, is_view: bool, rates: Rates) -> float:
-    """Seconds for one op: FLOPs at the matmul rate + bytes read and written at the bandwidth + dispatch."""
+    """Seconds for one op: FLOPs at the matmul rate + bytes read and written at the bandwidth (a random op: its
+    largest output's elements at the random rate) + dispatch."""
     if is_view:
         return rates.op_overhead_s * 0.5
     flops = _flops(node)
+    if rates.random_elements_per_s is not None and _is_random(node):
+        leaves = pytree.tree_leaves(node.meta.get("val"))
+        drawn = max((t.numel() for t in leaves if isinstance(t, torch.Tensor)), default=0)
+        return flops / rates.flops_per_s + drawn / rates.random_elements_per_s + rates.op_overhead_s
     packet = getattr(node.target, "overloadpacket", None)
     rate = rates.flops_per_s
     if packet is torch.ops.aten.convolution and rates.conv_flops_per_s is not None:
