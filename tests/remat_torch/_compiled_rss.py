@@ -118,17 +118,6 @@ def build(name: str):
     raise ValueError(name)
 
 
-def no_dropout(model: torch.nn.Module) -> None:
-    """Dropout off: every ``nn.Dropout``'s ``p``, and the attention dropout rates HF modules keep as floats (T5's
-    ``T5Attention.dropout``, ViT's and GPT-NeoX's ``attention_dropout``), set to 0."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        for attr in ("dropout", "attention_dropout"):
-            if isinstance(getattr(m, attr, None), float):
-                setattr(m, attr, 0.0)
-
-
 def conv_scratch() -> None:
     """``python _compiled_rss.py conv-scratch``: the peak RSS of single oneDNN convolution calls (forward and
     backward, batch 16, both layouts) and the bytes of their outputs, one JSON line per shape: what
@@ -241,7 +230,7 @@ def main() -> None:
         inductor_config.layout_optimization = bool(args.layout_opt)
     model, loss_fn, batch = build(args.model)
     if args.no_dropout:
-        no_dropout(model)
+        zoo.no_dropout(model)
     # the state the model was built in, for --save's step (buffers updated once from it); not kept otherwise
     initial = copy.deepcopy(model.state_dict()) if args.save else None
     for text in args.budgets:

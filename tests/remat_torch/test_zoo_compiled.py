@@ -67,7 +67,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .zoo import BUILDERS
+from .zoo import BUILDERS, no_dropout
 
 HERE = Path(__file__).resolve().parent
 BUDGET = 0.5
@@ -125,12 +125,7 @@ def _eager(name: str) -> tuple[torch.Tensor, dict, dict]:
     """Eager autograd's loss, gradients and buffers after one step, dropout off, generator seeded as the child."""
     model, loss_fn, batch = BUILDERS[name]("small")
     model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        for a in ("dropout", "attention_dropout"):
-            if isinstance(getattr(m, a, None), float):
-                setattr(m, a, 0.0)
+    no_dropout(model)
     assert not any(r > 0 for m in model.modules() for r in _rates(m)), name
     torch.manual_seed(7)
     loss = loss_fn(model, batch)

@@ -230,6 +230,17 @@ def resnet18(size: Size = "tiny") -> Built:
     )
 
 
+def no_dropout(model: nn.Module) -> None:
+    """Dropout off: every ``nn.Dropout``'s ``p``, and the attention dropout rates HF modules keep as floats (T5's
+    ``T5Attention.dropout``, ViT's and GPT-NeoX's ``attention_dropout``), set to 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in ("dropout", "attention_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+
+
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks a user would wrap in ``torch.utils.checkpoint`` (ResNet-18: its 8 basic blocks)."""
     if isinstance(model, ResNet18):
