@@ -166,6 +166,64 @@ def test_random_ops_are_priced_by_the_elements_they_draw(monkeypatch):
         assert costs[None][v] == pytest.approx((8 * 16 * 4 * 2 + 8 * 16) / 1e10 + 1e-6)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_attention_and_grouped_matmuls_are_priced_by_torchs_formulas(causal):
+    """The ops torch's flop counter leaves out get FLOPs: the CPU flash attention kernels as torch counts the CUDA
+    ones (halved for a causal mask, whose blocks above the diagonal the CPU kernel skips), a grouped matmul as the
+    matmuls of its groups."""
+    from torch.utils.flop_counter import flop_registry
+
+    from memfit.remat.eager.capture import _extra_flops
+
+    aten = torch.ops.aten
+    q, k, v = (torch.empty(2, 4, s, d, device="meta") for s, d in ((16, 8), (12, 8), (12, 6)))
+    out, lse = torch.empty(2, 4, 16, 6, device="meta"), torch.empty(2, 4, 16, device="meta")
+    share = 0.5 if causal else 1.0
+    forward = flop_registry[aten._scaled_dot_product_flash_attention](q, k, v, out_val=(out,))
+    backward = flop_registry[aten._scaled_dot_product_flash_attention_backward](
+        out, q, k, v, out_val=(q, k, v)
+    )
+    assert forward > 0 and backward > forward
+    assert (
+        _extra_flops(aten._scaled_dot_product_flash_attention_for_cpu, (q, k, v, 0.0, causal))
+        == share * forward
+    )
+    args = (out, q, k, v, out, lse, 0.0, causal)
+    assert _extra_flops(aten._scaled_dot_product_flash_attention_for_cpu_backward, args) == share * backward
+    # a grouped matmul: rows 0-2 times group 0's matrix, rows 3-9 times group 2's (group 1 empty)
+    x, w, offs = (
+        torch.empty(10, 8, device="meta"),
+        torch.empty(3, 8, 5, device="meta"),
+        torch.tensor([3, 3, 10]),
+    )
+    groups = sum(
+        flop_registry[aten.mm](x[a:b], w[g], out_val=torch.empty(b - a, 5, device="meta"))
+        for g, (a, b) in enumerate(((0, 3), (3, 3), (3, 10)))
+    )
+    assert _extra_flops(aten._grouped_mm, (x, w, offs)) == groups
+    assert _extra_flops(aten.mm, (x, w[0])) is None  # torch's counter has it
+
+
+def test_mixtrals_grouped_experts_are_priced_as_matmuls():
+    """Mixtral's ``grouped_mm`` experts, as Hugging Face runs them on a CPU (its ``grouped_mm_fallback`` custom op
+    and that op's backward), get the FLOPs of their matmuls."""
+    from memfit.remat.eager.capture import _flops
+
+    from .zoo import mixtral
+
+    model, loss_fn, batch = mixtral("tiny", "grouped_mm")
+    cap = capture(model, loss_fn, batch)
+    found = {}
+    for node in cap.gm.graph.nodes:
+        name = getattr(getattr(node.target, "overloadpacket", None), "_qualified_op_name", "")
+        if name.startswith("transformers::grouped_mm_fallback"):
+            x, w = (a.meta["val"] for a in node.args[:2])
+            found.setdefault(name, []).append(_flops(node) / (2 * x.shape[0] * x.shape[1] * w.shape[2]))
+    assert set(found) == {"transformers::grouped_mm_fallback", "transformers::grouped_mm_fallback_backward"}
+    assert set(found["transformers::grouped_mm_fallback"]) == {1.0}
+    assert set(found["transformers::grouped_mm_fallback_backward"]) == {2.0}  # input and weight gradients
+
+
 def test_attention_without_dropout_is_not_random():
     """``scaled_dot_product_attention`` with ``dropout_p=0`` lowers to a flash kernel tagged random; it draws
     nothing, so it is recomputable and runs without generator state."""

@@ -364,13 +364,63 @@ def _measure(device: torch.device) -> Rates:
     return rates
 
 
+def _extra_flops(packet: Any, args: Sequence[Any]) -> int | None:
+    """FLOPs of matmul-like ops torch's flop counter does not list, ``None`` for any other op:
+
+    - the CPU flash attention kernels (it lists the CUDA ones): its formulas restated
+      (``torch.utils.flop_counter.sdpa_flop_count`` / ``sdpa_backward_flop_count``: the forward's two batched
+      matmuls, the backward's five, one of them recomputing the scores), halved for a causal mask, whose blocks
+      above the diagonal the CPU kernel skips. Unpriced, ViT's attention read 1/26 of its profiled time;
+    - grouped matmuls (``aten._grouped_mm``; Hugging Face's ``transformers::grouped_mm_fallback``, what Mixtral's
+      ``grouped_mm`` experts run on a CPU, and its backward): each row of the input multiplies one group's
+      matrix, ``2 * rows * K * N``. Unpriced, Mixtral's experts read 1/24 of their profiled time.
+    """
+    aten = torch.ops.aten
+    name = getattr(packet, "_qualified_op_name", "")
+    if packet is aten._scaled_dot_product_flash_attention_for_cpu:
+        q, k, v, rest = args[0], args[1], args[2], args[3:]
+        matmuls_d, matmuls_dv = 1, 1  # scores = q k^T; out = p v
+    elif packet is aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        q, k, v, rest = args[1], args[2], args[3], args[6:]
+        matmuls_d, matmuls_dv = 3, 2  # scores again, dq, dk; dp, dv
+    elif name in ("aten::_grouped_mm", "transformers::grouped_mm_fallback"):
+        a, b = args[0], args[1]
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return 0
+        if a.dim() == 2 and b.dim() == 2:  # the groups split K: out (groups, M, N)
+            return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        rows = a.shape[0] if a.dim() == 2 else a.shape[0] * a.shape[1]
+        return 2 * rows * a.shape[-1] * b.shape[-1]
+    elif (
+        name == "transformers::grouped_mm_fallback_backward"
+    ):  # (input, weight, offs, grad) -> grad input, weight
+        a, b = args[0], args[1]
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return 0
+        return 2 * 2 * a.shape[0] * a.shape[1] * b.shape[-1]
+    else:
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return 0
+    b_, h, s_q, d = q.shape
+    s_k, d_v = k.shape[2], v.shape[3]
+    is_causal = len(rest) > 1 and rest[1] is True
+    flops = 2 * b_ * h * s_q * s_k * (matmuls_d * d + matmuls_dv * d_v)
+    return int(flops // 2 if is_causal else flops)
+
+
 def _flops(node: fx.Node) -> int:
     """FLOPs of one op by torch's flop counter formulas (0 where it has none); a symbolic count (dynamic shapes)
     by the example value it was traced with."""
     packet = getattr(node.target, "overloadpacket", None)
-    if packet is None or packet not in flop_registry:
+    if packet is None:
         return 0
     args, kwargs = pytree.tree_map_only(fx.Node, lambda a: a.meta.get("val"), (node.args, node.kwargs))
+    extra = _extra_flops(packet, args)
+    if extra is not None:
+        return int(extra)
+    if packet not in flop_registry:
+        return 0
     try:
         flops = flop_registry[packet](*args, out_val=node.meta.get("val"), **kwargs)
     except Exception:  # a formula that does not accept this overload's arguments: bytes moved only
