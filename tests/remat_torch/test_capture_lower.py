@@ -142,7 +142,7 @@ def test_random_ops_are_recomputed_with_the_same_masks_and_draw_what_eager_autog
 def test_random_ops_are_priced_by_the_elements_they_draw(monkeypatch):
     """With ``Rates.random_elements_per_s``, a dropout costs its elements at that rate and dispatch, not the bytes
     it moves (a CPU generator draws an element in the time 25 bytes stream); without it, bytes as any op."""
-    from memfit.remat.eager import capture as capture_module
+    from memfit.remat.eager import costs as capture_module
 
     torch.manual_seed(0)
     model = mlp(width=16, depth=3, dropout=0.3)
@@ -173,7 +173,7 @@ def test_cpu_attention_and_grouped_matmuls_are_priced_by_torchs_formulas(causal)
     matmuls of its groups."""
     from torch.utils.flop_counter import flop_registry
 
-    from memfit.remat.eager.capture import _extra_flops
+    from memfit.remat.eager.costs import extra_flops
 
     aten = torch.ops.aten
     q, k, v = (torch.empty(2, 4, s, d, device="meta") for s, d in ((16, 8), (12, 8), (12, 6)))
@@ -185,11 +185,11 @@ def test_cpu_attention_and_grouped_matmuls_are_priced_by_torchs_formulas(causal)
     )
     assert forward > 0 and backward > forward
     assert (
-        _extra_flops(aten._scaled_dot_product_flash_attention_for_cpu, (q, k, v, 0.0, causal))
+        extra_flops(aten._scaled_dot_product_flash_attention_for_cpu, (q, k, v, 0.0, causal))
         == share * forward
     )
     args = (out, q, k, v, out, lse, 0.0, causal)
-    assert _extra_flops(aten._scaled_dot_product_flash_attention_for_cpu_backward, args) == share * backward
+    assert extra_flops(aten._scaled_dot_product_flash_attention_for_cpu_backward, args) == share * backward
     # a grouped matmul: rows 0-2 times group 0's matrix, rows 3-9 times group 2's (group 1 empty)
     x, w, offs = (
         torch.empty(10, 8, device="meta"),
@@ -200,14 +200,14 @@ def test_cpu_attention_and_grouped_matmuls_are_priced_by_torchs_formulas(causal)
         flop_registry[aten.mm](x[a:b], w[g], out_val=torch.empty(b - a, 5, device="meta"))
         for g, (a, b) in enumerate(((0, 3), (3, 3), (3, 10)))
     )
-    assert _extra_flops(aten._grouped_mm, (x, w, offs)) == groups
-    assert _extra_flops(aten.mm, (x, w[0])) is None  # torch's counter has it
+    assert extra_flops(aten._grouped_mm, (x, w, offs)) == groups
+    assert extra_flops(aten.mm, (x, w[0])) is None  # torch's counter has it
 
 
 def test_mixtrals_grouped_experts_are_priced_as_matmuls():
     """Mixtral's ``grouped_mm`` experts, as Hugging Face runs them on a CPU (its ``grouped_mm_fallback`` custom op
     and that op's backward), get the FLOPs of their matmuls."""
-    from memfit.remat.eager.capture import _flops
+    from memfit.remat.eager.costs import _flops
 
     from .zoo import mixtral
 
@@ -323,7 +323,7 @@ from pathlib import Path
 import torch
 from torch import nn
 import memfit.remat
-from memfit.remat.eager.capture import _calibrate
+from memfit.remat.eager.costs import _calibrate
 
 def kib(field):
     return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
@@ -477,7 +477,7 @@ def test_calibration_under_a_fake_tensor_mode_measures_real_tensors():
     """The compiled path calibrates inside torch.compile's partitioner, under a FakeTensorMode: the rates must be
     the real ones (fake ops take no time per FLOP and a millisecond of dispatch each)."""
     from memfit import _compat
-    from memfit.remat.eager import capture as capture_module
+    from memfit.remat.eager import costs as capture_module
 
     saved = dict(capture_module._RATES)
     try:

@@ -178,6 +178,27 @@ def test_plan_report_says_what_was_decided(capsys):
     assert d["cost_overhead"] >= 1.0
 
 
+def test_given_rates_price_the_capture_and_carry_over_to_other_budgets():
+    """``rates=`` replaces the calibrated speeds (one ``Rates`` in every process: the same plan in each)."""
+    torch.manual_seed(0)
+    model = mlp(width=32, depth=4)
+    batch = vector_batch(64, 32)
+    fast = memfit.remat.Rates(flops_per_s=1e12, bytes_per_s=1e11, op_overhead_s=1e-6)
+    slow = memfit.remat.Rates(flops_per_s=1e7, bytes_per_s=1e11, op_overhead_s=1e-6)
+    steps = {r: memfit.remat.compile(model, xent, batch, rates=r) for r in (fast, slow)}
+    totals = {}
+    for r, step in steps.items():
+        g = step.captured.graph
+        totals[r] = sum(g.cost(v) for v in range(len(g)))
+        other = step.with_budget(0.5)
+        other.prepare(batch)
+        assert other.rates is r and other.captured is step.captured
+    # 4 + 1 linear layers of 32 (or 10) outputs, forward and backward: the matmul FLOPs alone at the slow rate
+    assert totals[slow] > totals[fast] + 0.9 * (2 * 64 * 32 * 32 * 3 * 4) / 1e7
+    with pytest.raises(TypeError, match=r"memfit\.remat\.Rates"):
+        memfit.remat.compile(model, xent, batch, rates={"flops_per_s": 1e9})
+
+
 def test_with_budget_reuses_the_capture_and_honours_the_new_budget():
     torch.manual_seed(0)
     model = mlp(width=32, depth=6)

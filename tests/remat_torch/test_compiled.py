@@ -260,6 +260,11 @@ def test_given_rates_fix_the_plan():
             "optional rates > 0",
         ),
         (
+            {"flops_per_s": 1e9, "bytes_per_s": 1e9, "op_overhead_s": 0.0, "conv_flops_per_s": 0.0},
+            ValueError,
+            "optional rates > 0",
+        ),
+        (
             {"flops_per_s": 1e9, "bytes_per_s": 1e9, "op_overhead_s": 0.0, "random_elements_per_s": True},
             TypeError,
             "random_elements_per_s",

@@ -63,7 +63,7 @@ from memfit.remat.compiled import choose
 from memfit.remat.compiled.choose import CompiledPlan
 from memfit.remat.compiled.fusion import _nbytes
 from memfit.remat.compiled.model import _held_bytes
-from memfit.remat.eager.capture import Rates
+from memfit.remat.eager.costs import Rates
 
 __all__ = ["CompiledPlan", "MemfitBackend", "backend"]
 
@@ -340,12 +340,14 @@ def _onednn_convolutions(gm: fx.GraphModule) -> bool:
 def _source_hash() -> str:
     """A hash of the sources that make memfit's choice (the compiled path's modules and the cost model's)."""
     from memfit.remat.eager import capture as _capture
+    from memfit.remat.eager import costs as _costs
 
     here = Path(__file__).parent
     h = hashlib.sha256()
     for path in [
         *(here / f"{m}.py" for m in ("fusion", "model", "choose", "backend")),
         Path(_capture.__file__),
+        Path(_costs.__file__),
     ]:
         h.update(path.read_bytes())
     return h.hexdigest()

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from memfit import _compat
 from memfit.remat.compiled.model import _graph_peak, _Model
-from memfit.remat.eager.capture import Rates, _calibrate
+from memfit.remat.eager.costs import Rates, _calibrate
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from memfit.remat.compiled.fusion import (
     _reads_after_fusion,
     _uses,
 )
-from memfit.remat.eager.capture import Rates, _flops
+from memfit.remat.eager.costs import Rates, _flops
 
 
 class _Model:

@@ -18,14 +18,13 @@ that graph becomes a node of a framework-free :class:`~memfit.remat.Graph`:
   random op k - 1), so a recomputation replays the same state and draws the same mask, and the first computes of
   random ops keep their order; ops with side effects are not recomputable.
 
-Costs are seconds, estimated per node from FLOPs (``torch.utils.flop_counter``'s formulas) plus bytes moved,
-at rates calibrated once on the device (``cost="flops"``), or measured by running the captured graph on real
-tensors (``cost="profile"``).
+Costs are seconds, estimated per node by :mod:`memfit.remat.eager.costs` (FLOPs and bytes moved at rates
+calibrated once on the device, ``cost="flops"``), or measured by running the captured graph on real tensors
+(``cost="profile"``).
 """
 
 from __future__ import annotations
 
-import math
 import operator
 import time
 from collections.abc import Callable, Sequence
@@ -35,10 +34,17 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
-from torch.utils.flop_counter import flop_registry
 
 from memfit import _compat
 from memfit.remat.core.graph import Graph
+from memfit.remat.eager.costs import (
+    Rates,
+    _calibrate,
+    _estimate_cost,
+    _is_random,
+    _tensor_args,
+    calibrate,
+)
 
 CostModel = Literal["flops", "profile"]
 
@@ -224,213 +230,6 @@ def _alias_arg(node: fx.Node, out_index: int) -> fx.Node | None:
     return first
 
 
-def _tensor_args(node: fx.Node) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    for a in pytree.tree_leaves((node.args, node.kwargs)):
-        if isinstance(a, fx.Node) and a not in found:
-            found.append(a)
-    return found
-
-
-@dataclass(frozen=True)
-class Rates:
-    """A device's speeds, as memfit's cost models use them: an op costs its FLOPs at ``flops_per_s``, the bytes it
-    reads and writes at ``bytes_per_s``, and ``op_overhead_s`` of dispatch. Convolutions run their FLOPs at
-    ``conv_flops_per_s`` and their backward at ``conv_backward_flops_per_s`` where given: on a CPU neither reaches
-    the matmul rate, and the backward runs slower per FLOP than the forward (ResNet-18: with one rate for all, its
-    forward convolutions took 32% of the predicted step and 22% of the profiled one, the backward 61% and 67%).
-    A random op draws its largest output's elements at ``random_elements_per_s`` where given, in place of the bytes
-    it moves: a CPU generator draws one element in about the time 25 bytes stream (dropout 8.4 ns an element, a
-    multiply 0.35 ns, one thread), so priced by its bytes a dropout read 1/20 of its time, and the least-memory
-    schedules of BERT and T5, which recompute their dropouts many times, ran 17-23% over their predicted compute.
-
-    :func:`calibrate` measures them (once per process and device). Measured on a shared machine they move by
-    10-30% between processes, and the plans that depend on them can move with them: pass one ``Rates`` to every
-    process (``memfit.remat.backend(..., rates=...)``) for the same plan everywhere.
-    """
-
-    flops_per_s: float
-    bytes_per_s: float
-    op_overhead_s: float
-    conv_flops_per_s: float | None = None
-    conv_backward_flops_per_s: float | None = None
-    random_elements_per_s: float | None = None
-
-    def __post_init__(self) -> None:
-        optional = ("conv_flops_per_s", "conv_backward_flops_per_s", "random_elements_per_s")
-        for name in ("flops_per_s", "bytes_per_s", "op_overhead_s", *optional):
-            value = getattr(self, name)
-            if name in optional and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TypeError(f"Rates.{name} must be a finite number, got {value!r}")
-        if (
-            self.flops_per_s <= 0
-            or self.bytes_per_s <= 0
-            or self.op_overhead_s < 0
-            or min(
-                self.conv_flops_per_s or 1,
-                self.conv_backward_flops_per_s or 1,
-                self.random_elements_per_s or 1,
-            )
-            <= 0
-        ):
-            raise ValueError(
-                "Rates must have flops_per_s > 0, bytes_per_s > 0, op_overhead_s >= 0 and the optional rates > 0; "
-                f"got {self}"
-            )
-
-
-_RATES: dict[str, Rates] = {}
-
-
-def calibrate(device: torch.device | str = "cpu") -> Rates:
-    """Measure ``device``'s matmul FLOP rate, memory bandwidth and per-op overhead (about a second; cached for the
-    process). ``"meta"`` measures this machine's CPU."""
-    return _calibrate(torch.device(device))
-
-
-def _calibrate(device: torch.device) -> Rates:
-    """Measure matmul FLOP rate, memory bandwidth and per-op overhead of ``device`` once per process."""
-    if device.type == "meta":  # planning without a device: estimate with this machine's CPU
-        device = torch.device("cpu")
-    key = str(device)
-    if key in _RATES:
-        return _RATES[key]
-    # real tensors, whatever mode is active: the compiled path first calibrates inside torch.compile's partitioner,
-    # under its FakeTensorMode, where a matmul takes no time (1.4e12 FLOP/s "measured" on a 2-core CPU) and every op
-    # pays fake dispatch (1 ms of "overhead")
-    with _compat.no_python_dispatch():
-        rates = _measure(device)
-    _RATES[key] = rates
-    return rates
-
-
-def _measure(device: torch.device) -> Rates:
-    """Time a matmul, a streaming multiply, a tiny op, a dropout and a convolution (forward, backward) on
-    ``device``."""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def best(fn: Callable[[], object], reps: int = 5) -> float:
-        fn()
-        sync()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    n = 512 if device.type == "cpu" else 4096
-    a = torch.randn(n, n, device=device)
-    flops = 2 * n**3 / best(lambda: a @ a)
-    big = torch.empty(4 * 2**20, device=device)  # 16 MiB: beyond most caches on the devices we run on
-    bandwidth = 2 * big.numel() * 4 / best(lambda: big.mul(2.0))
-    # a whole dropout (draws, mask, scaling): what a random op's elements cost, its memory traffic included
-    random = big.numel() / best(lambda: torch.ops.aten.native_dropout.default(big, 0.1, True), reps=3)
-    tiny = torch.empty(1, device=device)
-    overhead = best(lambda: [tiny.add(1) for _ in range(100)]) / 100
-    # a 3x3 convolution and its backward (ResNet's stage-1 shape, batch 4 at 32x32 on a CPU): FLOPs by torch's formulas
-    c, hw = (64, 32) if device.type == "cpu" else (256, 64)
-    x = torch.randn(4, c, hw, hw, device=device)
-    w = torch.randn(c, c, 3, 3, device=device)
-    y = torch.nn.functional.conv2d(x, w, padding=1)
-    aten = torch.ops.aten
-
-    conv_flops = (
-        2 * y.numel() * c * 9
-    )  # the forward's; the backward's (input and weight gradients) are twice that
-    forward = best(
-        lambda: aten.convolution.default(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1), reps=3
-    )
-    backward = best(
-        lambda: aten.convolution_backward.default(
-            y, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
-        ),
-        reps=3,
-    )
-    rates = Rates(
-        flops_per_s=flops,
-        bytes_per_s=bandwidth,
-        op_overhead_s=overhead,
-        conv_flops_per_s=conv_flops / forward,
-        conv_backward_flops_per_s=2 * conv_flops / backward,
-        random_elements_per_s=random,
-    )
-    return rates
-
-
-def _extra_flops(packet: Any, args: Sequence[Any]) -> int | None:
-    """FLOPs of matmul-like ops torch's flop counter does not list, ``None`` for any other op:
-
-    - the CPU flash attention kernels (it lists the CUDA ones): its formulas restated
-      (``torch.utils.flop_counter.sdpa_flop_count`` / ``sdpa_backward_flop_count``: the forward's two batched
-      matmuls, the backward's five, one of them recomputing the scores), halved for a causal mask, whose blocks
-      above the diagonal the CPU kernel skips. Unpriced, ViT's attention read 1/26 of its profiled time;
-    - grouped matmuls (``aten._grouped_mm``; Hugging Face's ``transformers::grouped_mm_fallback``, what Mixtral's
-      ``grouped_mm`` experts run on a CPU, and its backward): each row of the input multiplies one group's
-      matrix, ``2 * rows * K * N``. Unpriced, Mixtral's experts read 1/24 of their profiled time.
-    """
-    aten = torch.ops.aten
-    name = getattr(packet, "_qualified_op_name", "")
-    if packet is aten._scaled_dot_product_flash_attention_for_cpu:
-        q, k, v, rest = args[0], args[1], args[2], args[3:]
-        matmuls_d, matmuls_dv = 1, 1  # scores = q k^T; out = p v
-    elif packet is aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        q, k, v, rest = args[1], args[2], args[3], args[6:]
-        matmuls_d, matmuls_dv = 3, 2  # scores again, dq, dk; dp, dv
-    elif name in ("aten::_grouped_mm", "transformers::grouped_mm_fallback"):
-        a, b = args[0], args[1]
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return 0
-        if a.dim() == 2 and b.dim() == 2:  # the groups split K: out (groups, M, N)
-            return 2 * a.shape[0] * a.shape[1] * b.shape[1]
-        rows = a.shape[0] if a.dim() == 2 else a.shape[0] * a.shape[1]
-        return 2 * rows * a.shape[-1] * b.shape[-1]
-    elif (
-        name == "transformers::grouped_mm_fallback_backward"
-    ):  # (input, weight, offs, grad) -> grad input, weight
-        a, b = args[0], args[1]
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return 0
-        return 2 * 2 * a.shape[0] * a.shape[1] * b.shape[-1]
-    else:
-        return None
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
-        return 0
-    b_, h, s_q, d = q.shape
-    s_k, d_v = k.shape[2], v.shape[3]
-    is_causal = len(rest) > 1 and rest[1] is True
-    flops = 2 * b_ * h * s_q * s_k * (matmuls_d * d + matmuls_dv * d_v)
-    return int(flops // 2 if is_causal else flops)
-
-
-def _flops(node: fx.Node) -> int:
-    """FLOPs of one op by torch's flop counter formulas (0 where it has none); a symbolic count (dynamic shapes)
-    by the example value it was traced with."""
-    packet = getattr(node.target, "overloadpacket", None)
-    if packet is None:
-        return 0
-    args, kwargs = pytree.tree_map_only(fx.Node, lambda a: a.meta.get("val"), (node.args, node.kwargs))
-    extra = _extra_flops(packet, args)
-    if extra is not None:
-        return int(extra)
-    if packet not in flop_registry:
-        return 0
-    try:
-        flops = flop_registry[packet](*args, out_val=node.meta.get("val"), **kwargs)
-    except Exception:  # a formula that does not accept this overload's arguments: bytes moved only
-        return 0
-    if isinstance(flops, torch.SymInt):
-        hint = getattr(flops.node, "hint", None)
-        return int(hint) if hint is not None else 0
-    return int(flops)
-
-
 def _written(record: _Record) -> int:
     """Bytes one call of the record's op writes: all its outputs for a multi-output (or random) op."""
     ref = record.ref
@@ -440,36 +239,13 @@ def _written(record: _Record) -> int:
     return sum(_storage_bytes(t) for t in leaves if isinstance(t, torch.Tensor))
 
 
-def _estimate_cost(node: fx.Node, out_bytes: int, is_view: bool, rates: Rates) -> float:
-    """Seconds for one op: FLOPs at the matmul rate + bytes read and written at the bandwidth (a random op: its
-    largest output's elements at the random rate) + dispatch."""
-    if is_view:
-        return rates.op_overhead_s * 0.5
-    flops = _flops(node)
-    if rates.random_elements_per_s is not None and _is_random(node):
-        leaves = pytree.tree_leaves(node.meta.get("val"))
-        drawn = max((t.numel() for t in leaves if isinstance(t, torch.Tensor)), default=0)
-        return flops / rates.flops_per_s + drawn / rates.random_elements_per_s + rates.op_overhead_s
-    packet = getattr(node.target, "overloadpacket", None)
-    rate = rates.flops_per_s
-    if packet is torch.ops.aten.convolution and rates.conv_flops_per_s is not None:
-        rate = rates.conv_flops_per_s
-    elif packet is torch.ops.aten.convolution_backward and rates.conv_backward_flops_per_s is not None:
-        rate = rates.conv_backward_flops_per_s
-    read = 0
-    for a in _tensor_args(node):
-        val = a.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            read += val.numel() * val.element_size()
-    return flops / rate + (read + out_bytes) / rates.bytes_per_s + rates.op_overhead_s
-
-
 def capture(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
     example_batch: Any,
     *,
     cost: CostModel = "flops",
+    rates: Rates | None = None,
 ) -> CapturedStep:
     """Trace one training step of ``model`` into a schedulable graph. Allocates no activation memory.
 
@@ -479,6 +255,8 @@ def capture(
         example_batch: a tensor or a (nested) tuple/list/dict of tensors; fixes shapes and dtypes.
         cost: ``"flops"`` (FLOPs + bytes moved at calibrated rates) or ``"profile"`` (time each op on real
             tensors: a real step's memory is allocated once).
+        rates: the device speeds ``"flops"`` prices ops at (default: :func:`calibrate`'s, measured once per
+            process); one ``Rates`` given to every process gives the same costs, and so the same plans, in each.
 
     Returns:
         The :class:`CapturedStep`.
@@ -491,13 +269,15 @@ def capture(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if cost not in ("flops", "profile"):
         raise ValueError(f"cost must be 'flops' or 'profile', got {cost!r}")
+    if rates is not None and not isinstance(rates, Rates):
+        raise TypeError(f"rates must be a memfit.remat.Rates or None, got {type(rates).__name__}")
     t0 = time.perf_counter()
     flat, spec = flatten_batch(example_batch)
     # tracing and calibration draw random numbers: fork the RNG so that capturing (e.g. by memfit.remat.compile
     # right after a resumed run restored its RNG state) does not shift the user's random stream
     cuda = sorted({t.device.index or 0 for t in flat if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
-        return _capture(model, loss_fn, flat, spec, cost, t0)
+        return _capture(model, loss_fn, flat, spec, cost, t0, rates)
 
 
 def _capture(
@@ -507,6 +287,7 @@ def _capture(
     spec: Any,
     cost: CostModel,
     t0: float,
+    rates: Rates | None = None,
 ) -> CapturedStep:
     wrapper = _LossModule(model, loss_fn)
     wrapper.batch_spec = spec
@@ -546,7 +327,7 @@ def _capture(
     if cost == "profile":
         costs = _profile_costs(gm, records, wrapper, flat)
     else:
-        rates = _calibrate(device)
+        rates = rates if rates is not None else _calibrate(device)
         costs = [
             0.0
             if r.ref is None
@@ -668,23 +449,6 @@ def generator(device: torch.device) -> torch.Generator:
     raise UnsupportedGraph(
         op="<random>", reason=f"random ops on {device.type} (only CPU and CUDA are supported)"
     )
-
-
-def _is_random(node: fx.Node) -> bool:
-    """The op draws random numbers: tagged ``nondeterministic_seeded``, and not an attention with ``dropout_p=0``
-    or a dropout with ``train=False``."""
-    target = node.target
-    if torch.Tag.nondeterministic_seeded not in getattr(target, "tags", ()):
-        return False
-    schema = getattr(target, "_schema", None)
-    for i, arg in enumerate(schema.arguments if schema is not None else ()):
-        if arg.name in ("dropout_p", "train"):
-            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name, arg.default_value)
-            if arg.name == "dropout_p" and isinstance(value, (int, float)) and float(value) == 0.0:
-                return False
-            if arg.name == "train" and value is False:
-                return False
-    return True
 
 
 def _device_of(val: Any) -> torch.device:

@@ -26,6 +26,7 @@ from memfit.remat.core.solve import Method
 from memfit.remat.eager.capture import (
     CapturedStep,
     CostModel,
+    Rates,
     capture,
     flatten_batch,
     generator,
@@ -125,12 +126,14 @@ class RematStep:
         budget: int | float | str | None,
         method: Method,
         cost: CostModel,
+        rates: Rates | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.budget = budget
         self.method = method
         self.cost = cost
+        self.rates = rates
         self._cache: dict[tuple[Any, ...], _Compiled] = {}
         # captures depend on the model and the batch shape only: steps made by with_budget share them
         self._captures: dict[tuple[Any, ...], CapturedStep] = {}
@@ -144,7 +147,12 @@ class RematStep:
         if budget is not None:
             _budget_bytes(budget, 1)
         other = RematStep(
-            self.model, self.loss_fn, budget=budget, method=method or self.method, cost=self.cost
+            self.model,
+            self.loss_fn,
+            budget=budget,
+            method=method or self.method,
+            cost=self.cost,
+            rates=self.rates,
         )
         other._captures = self._captures
         return other
@@ -205,7 +213,7 @@ class RematStep:
         key = _shape_key(flat, spec)
         if key not in self._captures:
             batch = torch.utils._pytree.tree_unflatten(flat, spec)
-            self._captures[key] = capture(self.model, self.loss_fn, batch, cost=self.cost)
+            self._captures[key] = capture(self.model, self.loss_fn, batch, cost=self.cost, rates=self.rates)
         captured = self._captures[key]
         graph = captured.graph
         updates: dict[int, str] = {}
@@ -353,6 +361,7 @@ def compile(
     budget: int | float | str | None = None,
     method: Method = "budget",
     cost: CostModel = "flops",
+    rates: Rates | None = None,
 ) -> RematStep:
     """Capture ``model``'s training step and schedule it to fit ``budget``.
 
@@ -365,6 +374,8 @@ def compile(
             ``None``: no recomputation (the baseline).
         method: a solver of :func:`memfit.remat.solve` (``"budget"``, ``"twremat"``, ``"checkpoint"``, ...).
         cost: ``"flops"`` (estimated from FLOPs and bytes moved) or ``"profile"`` (measured per op).
+        rates: the device speeds ``"flops"`` prices ops at (default: measured once per process by
+            :func:`memfit.remat.calibrate`); pass one ``Rates`` to every process for the same plan in each.
 
     Returns:
         The :class:`RematStep`; it is compiled for ``example_batch`` right away, so errors surface here.
@@ -377,6 +388,6 @@ def compile(
     """
     if budget is not None:
         _budget_bytes(budget, 1)  # type and range errors before the (slow) capture
-    step = RematStep(model, loss_fn, budget=budget, method=method, cost=cost)
+    step = RematStep(model, loss_fn, budget=budget, method=method, cost=cost, rates=rates)
     step.prepare(example_batch)
     return step
