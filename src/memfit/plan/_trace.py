@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 
 from memfit._compat import TorchDispatchMode, fake_tensor_mode, op_returns_alias
 from memfit.memory import MemoryReport, track
+from memfit.remat.eager.costs import draws_random, extra_flops, random_seconds
 
 __all__ = ["Env", "StepTrace", "trace_forward_backward"]
 
@@ -94,12 +95,19 @@ class _Cost(TorchDispatchMode):
                 moved += t.numel() * t.element_size()
                 dtype = dtype or t.dtype
         flops = _flops(func, args, kwargs, out)
+        if r.random_elements_per_s is not None and draws_random(func, args, kwargs):
+            # a random op costs its draws, as the remat capture prices it
+            self.seconds += flops / r.flops_per_s + random_seconds(out, r) + r.op_overhead_s
+            return out
         rate = r.flops_per_s
-        if flops and dtype is not None and dtype in self.flops_by_dtype:
+        packet = getattr(func, "overloadpacket", None)
+        if flops and dtype is not None and dtype in self.flops_by_dtype and packet not in _ATTENTION:
             # matmuls at their dtype's measured rate; convolutions at the same ratio to float32 (ResNet-18 under
-            # bf16 autocast was predicted at 0.01x of measured with convolutions at the float32 rate)
+            # bf16 autocast was predicted at 0.01x of measured with convolutions at the float32 rate); the CPU
+            # flash attention at the float32 rate in any dtype (bf16: 19 GFLOP/s against float32's 21 on the
+            # machine this was written on, where a bf16 matmul ran at 1.0)
             fp32 = self.flops_by_dtype.get(torch.float32, rate)
-            if getattr(func, "overloadpacket", None) in _MATMULS:
+            if packet in _MATMULS or getattr(packet, "_qualified_op_name", "") in _GROUPED_MATMULS:
                 rate = self.flops_by_dtype[dtype]
             else:
                 rate = rate * self.flops_by_dtype[dtype] / fp32
@@ -110,6 +118,16 @@ class _Cost(TorchDispatchMode):
 _MATMUL_RATES: dict[str, dict[torch.dtype, float]] = {}
 # the ops whose rate matmul_rates measures (other FLOPs, e.g. convolutions: calibrate's rate x the dtype's ratio)
 _MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
+# grouped matmuls run matmuls of the same kind (Hugging Face's fallback calls torch.mm per group)
+_GROUPED_MATMULS = {
+    "aten::_grouped_mm",
+    "transformers::grouped_mm_fallback",
+    "transformers::grouped_mm_fallback_backward",
+}
+_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+}
 
 
 def matmul_rates(device: torch.device, fp32_rate: float) -> dict[torch.dtype, float]:
@@ -158,7 +176,13 @@ def _flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -
     from torch.utils.flop_counter import flop_registry
 
     packet = getattr(func, "overloadpacket", None)
-    if packet is None or packet not in flop_registry:
+    if packet is None:
+        return 0
+    # the matmuls torch's counter leaves out, as the remat capture prices them
+    extra = extra_flops(packet, args)
+    if extra is not None:
+        return int(extra)
+    if packet not in flop_registry:
         return 0
     try:
         return int(flop_registry[packet](*args, out_val=out, **kwargs))
