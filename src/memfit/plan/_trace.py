@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from memfit._compat import TorchDispatchMode, fake_tensor_mode, op_returns_alias
 from memfit.memory import MemoryReport, track
-from memfit.remat.eager.costs import draws_random, extra_flops, random_seconds
+from memfit.remat.eager.costs import draws_random, op_flops, random_seconds
 
 __all__ = ["Env", "StepTrace", "trace_forward_backward"]
 
@@ -94,7 +94,7 @@ class _Cost(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 moved += t.numel() * t.element_size()
                 dtype = dtype or t.dtype
-        flops = _flops(func, args, kwargs, out)
+        flops = op_flops(func, args, kwargs, out)
         if r.random_elements_per_s is not None and draws_random(func, args, kwargs):
             # a random op costs its draws, as the remat capture prices it
             self.seconds += flops / r.flops_per_s + random_seconds(out, r) + r.op_overhead_s
@@ -170,24 +170,6 @@ def matmul_rates(device: torch.device, fp32_rate: float) -> dict[torch.dtype, fl
             rates[dtype] = 3 * 2 * 512 * 128 * 256 / best(linear)
     _MATMUL_RATES[key] = rates
     return rates
-
-
-def _flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
-    from torch.utils.flop_counter import flop_registry
-
-    packet = getattr(func, "overloadpacket", None)
-    if packet is None:
-        return 0
-    # the matmuls torch's counter leaves out, as the remat capture prices them
-    extra = extra_flops(packet, args)
-    if extra is not None:
-        return int(extra)
-    if packet not in flop_registry:
-        return 0
-    try:
-        return int(flop_registry[packet](*args, out_val=out, **kwargs))
-    except Exception:  # a formula that does not take this overload's arguments: bytes moved only
-        return 0
 
 
 @dataclass

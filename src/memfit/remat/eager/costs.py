@@ -23,7 +23,7 @@ from torch.utils.flop_counter import flop_registry
 
 from memfit import _compat
 
-__all__ = ["Rates", "calibrate", "draws_random", "extra_flops", "random_seconds"]
+__all__ = ["Rates", "calibrate", "draws_random", "extra_flops", "op_flops", "random_seconds"]
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -207,19 +207,24 @@ def extra_flops(packet: Any, args: Sequence[Any]) -> int | None:
 
 
 def _flops(node: fx.Node) -> int:
-    """FLOPs of one op by torch's flop counter formulas (0 where it has none); a symbolic count (dynamic shapes)
-    by the example value it was traced with."""
-    packet = getattr(node.target, "overloadpacket", None)
+    """:func:`op_flops` of an fx node, by the example values it was traced with."""
+    args, kwargs = pytree.tree_map_only(fx.Node, lambda a: a.meta.get("val"), (node.args, node.kwargs))
+    return op_flops(node.target, args, kwargs, node.meta.get("val"))
+
+
+def op_flops(target: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> int:
+    """FLOPs of one call of ``target`` by torch's flop counter formulas and :func:`extra_flops` (0 where neither has
+    one); a symbolic count (dynamic shapes) by its hint."""
+    packet = getattr(target, "overloadpacket", None)
     if packet is None:
         return 0
-    args, kwargs = pytree.tree_map_only(fx.Node, lambda a: a.meta.get("val"), (node.args, node.kwargs))
     extra = extra_flops(packet, args)
     if extra is not None:
         return int(extra)
     if packet not in flop_registry:
         return 0
     try:
-        flops = flop_registry[packet](*args, out_val=node.meta.get("val"), **kwargs)
+        flops = flop_registry[packet](*args, out_val=out, **kwargs)
     except Exception:  # a formula that does not accept this overload's arguments: bytes moved only
         return 0
     if isinstance(flops, torch.SymInt):
