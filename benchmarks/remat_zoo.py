@@ -11,13 +11,17 @@ BERT, Llama, T5, ViT, GPT-NeoX, Mixtral, Mamba from small configs; a torchvision
   compute (``cost_overhead``) next to the measured step time relative to memfit without recomputation;
 - **memfit backend**: ``torch.compile(backend=memfit.remat.backend(budget=0.5))`` (inductor).
 
-Memory is the step's RSS high-water mark above the RSS before it (``VmHWM`` after a reset through
-``/proc/self/clear_refs``), in processes run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed blocks go back to
-the OS and RSS follows live tensors; models are built, captured and compiled (first step) on a thread of their
-own, and the heap is trimmed before each measured step, so that the free heap chunks a capture leaves do not hold
-the measured step's tensors (``_in_thread``). Time is ``time.process_time`` on one thread, median over
-interleaved steps; every ratio is against eager autograd measured in the same process (a compiled configuration
-runs in a process of its own, eager beside it). The **BN updates** column is how many times one step advanced the BatchNorm counters
+Each model and group of configurations runs in two processes, both pricing memfit's plans with one ``Rates``
+(calibrated once by the parent, so that both make the same plans). Memory is the step's RSS high-water mark above
+the RSS before it (``VmHWM`` after a reset through ``/proc/self/clear_refs``), in the process run with
+``MALLOC_MMAP_THRESHOLD_=65536`` so that freed blocks go back to the OS and RSS follows live tensors; models are
+built, captured and compiled (first step) on a thread of their own, and the heap is trimmed before each measured
+step, so that the free heap chunks a capture leaves do not hold the measured step's tensors (``_in_thread``). Time
+is ``time.process_time`` on one thread, median over interleaved steps, in the other process, with glibc's default
+allocator: under the 64 KiB threshold every large tensor is fresh pages the kernel maps and zeroes, which slowed
+the recomputing configurations more than the others (Mixtral ``grouped_mm`` at 0.5: 1.42x memfit's time without
+recomputation under the threshold, 1.09x without it, predicted 1.08-1.12x). Every ratio is against eager autograd
+measured in the same process (a compiled configuration runs in processes of its own, eager beside it). The **BN updates** column is how many times one step advanced the BatchNorm counters
 (``num_batches_tracked``, the most over all BN layers): eager autograd and memfit 1, per-block checkpointing 2 (the
 recomputed forward updates the running statistics again).
 
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -143,7 +148,7 @@ def _fresh(fn: Callable[[Any], Any], tag: str) -> Callable[[Any], Any]:
 
 
 def make_configs(
-    name: str, size: str, group: str
+    name: str, size: str, group: str, rates: Any = None
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, torch.nn.Module], dict[str, Any]]:
     """One model per configuration (same initial weights), a zero-argument step for each, and plan facts.
 
@@ -160,7 +165,7 @@ def make_configs(
         m = copy.deepcopy(initial)
         models[cfg] = m
         try:
-            first = _build(cfg, m, loss_fn, batch, first, steps, facts)
+            first = _build(cfg, m, loss_fn, batch, first, steps, facts, rates)
         except Exception as exc:
             if cfg == "eager":
                 raise
@@ -182,8 +187,10 @@ def _build(
     first: Any,
     steps: dict[str, Callable[[], Any]],
     facts: dict[str, Any],
+    rates: Any = None,
 ) -> Any:
-    """Add configuration ``cfg``'s step on model ``m`` to ``steps``; returns the memfit eager capture (shared)."""
+    """Add configuration ``cfg``'s step on model ``m`` to ``steps``; returns the memfit eager capture (shared).
+    ``rates``: the ``memfit.remat.Rates`` both memfit paths price with (the same in every process)."""
     import memfit.remat
 
     if cfg == "eager":
@@ -195,13 +202,13 @@ def _build(
         f = torch.compile(_fresh(lambda b, m=m: loss_fn(m, b), cfg))
         steps[cfg] = lambda f=f: f(batch).backward()
     elif cfg == "memfit backend 0.5":
-        be = memfit.remat.backend(budget=0.5)
+        be = memfit.remat.backend(budget=0.5, rates=rates)
         f = torch.compile(_fresh(lambda b, m=m: loss_fn(m, b), cfg), backend=be)
         steps[cfg] = lambda f=f: f(batch).backward()
         facts[cfg] = {"backend": be}
     else:  # memfit eager: one capture, three schedules
         if first is None:
-            first = memfit.remat.compile(m, loss_fn, batch)
+            first = memfit.remat.compile(m, loss_fn, batch, rates=rates)
         budget = cfg.split()[1]
         if budget == "none":
             step = first.with_budget(None)
@@ -231,10 +238,13 @@ def _feasible(first: Any, batch: Any, budget: float | int, facts: dict[str, Any]
     return step
 
 
-def worker(name: str, size: str, group: str, steps_n: int) -> dict[str, Any]:
+def worker(name: str, size: str, group: str, steps_n: int, mode: str, rates: Any = None) -> dict[str, Any]:
+    """One model, one group of configurations, in this process: ``mode="rss"`` measures each step's peak RSS (run
+    with ``MALLOC_MMAP_THRESHOLD_``), ``mode="time"`` its CPU time (run with glibc's default allocator: a threshold
+    of 64 KiB maps and zeroes fresh pages for every large tensor, and recomputation allocates more of them)."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    steps, models, facts = _in_thread(lambda: make_configs(name, size, group))
+    steps, models, facts = _in_thread(lambda: make_configs(name, size, group, rates))
     out: dict[str, Any] = {cfg: {} for cfg in GROUPS[group]}
 
     def guarded(cfg: str, stage: str, fn: Callable[[], Any]) -> None:
@@ -268,10 +278,11 @@ def worker(name: str, size: str, group: str, steps_n: int) -> dict[str, Any]:
             guarded(cfg, "first step", lambda cfg=cfg, fn=fn: first_step(cfg, fn))
 
     _in_thread(first_steps)
-    for cfg, fn in list(steps.items()):
-        guarded(cfg, "step", lambda cfg=cfg, fn=fn: rss_step(cfg, fn))
+    if mode == "rss":
+        for cfg, fn in list(steps.items()):
+            guarded(cfg, "step", lambda cfg=cfg, fn=fn: rss_step(cfg, fn))
     times: dict[str, list[float]] = {cfg: [] for cfg in steps}
-    for _ in range(steps_n):  # interleaved
+    for _ in range(steps_n if mode == "time" else 0):  # interleaved
         for cfg, fn in steps.items():
             for p in models[cfg].parameters():
                 p.grad = None
@@ -286,7 +297,7 @@ def worker(name: str, size: str, group: str, steps_n: int) -> dict[str, Any]:
             note = _backend_note(plans)
             if note:
                 out[cfg]["note"] = note
-        if cfg in times:
+        if times.get(cfg):
             out[cfg]["step_seconds"] = statistics.median(times[cfg])
             out[cfg]["step_seconds_all"] = times[cfg]
         for k, v in f.items():
@@ -318,8 +329,11 @@ def _backend_note(plans: list[Any]) -> str:
     return "; ".join(notes)
 
 
-def _spawn(args: list[str]) -> dict[str, Any]:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+def _spawn(args: list[str], mmap_threshold: bool) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     proc = subprocess.run(
         [sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False
     )
@@ -330,20 +344,51 @@ def _spawn(args: list[str]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(models: list[str], size: str, groups: list[str], steps_n: int, path: Path) -> dict[str, Any]:
+def _merge(rss: dict[str, Any], timed: dict[str, Any]) -> dict[str, Any]:
+    """One row per configuration: memory and plan facts from the RSS process, times from the timing process (the
+    same plans: both price with one ``Rates``), a configuration failed in either keeps the first error."""
+    if "error" in rss or "error" in timed:
+        return {"error": rss.get("error") or timed.get("error")}
+    out: dict[str, Any] = {}
+    for cfg, r in rss.items():
+        if cfg.startswith("_"):
+            continue
+        t = timed.get(cfg, {})
+        row = {k: v for k, v in r.items()}
+        if "error" in t and "error" not in row:
+            row["error"] = t["error"]
+        for k in ("step_seconds", "step_seconds_all"):
+            if k in t:
+                row[k] = t[k]
+        if "predicted_overhead" in t and t["predicted_overhead"] != row.get("predicted_overhead"):
+            row["note"] = "; ".join(
+                x for x in (row.get("note"), "the timed plan differs from the measured one") if x
+            )
+        out[cfg] = row
+    return out
+
+
+def run(
+    models: list[str], size: str, groups: list[str], steps_n: int, path: Path, rates_json: str | None = None
+) -> dict[str, Any]:
+    import memfit.remat
+
+    torch.set_num_threads(1)
+    if rates_json is None:  # once, for every worker: the same plans in the RSS and timing processes
+        rates_json = json.dumps(dataclasses.asdict(memfit.remat.calibrate("cpu")))
     results: dict[str, Any] = json.loads(path.read_text())["models"] if path.exists() else {}
     for name in models:
         rows: dict[str, Any] = dict(results.get(name, {}))  # a run of some groups keeps the others' rows
         for group in groups:
             t0 = time.perf_counter()
-            got = _spawn(["--worker", name, size, group, str(steps_n)])
+            args = ["--worker", name, size, group, str(steps_n)]
+            got = _merge(_spawn([*args, "rss", rates_json], True), _spawn([*args, "time", rates_json], False))
             print(f"{name} {group}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             if "error" in got:
                 for cfg in GROUPS[group][1:]:
                     rows[cfg] = {"error": got["error"]}
                 continue
             eager = got.pop("eager")
-            got.pop("_seconds", None)
             for cfg, r in got.items():
                 if "rss_peak_bytes" in r:
                     r["memory_ratio"] = r["rss_peak_bytes"] / max(eager["rss_peak_bytes"], 1)
@@ -359,17 +404,20 @@ def run(models: list[str], size: str, groups: list[str], steps_n: int, path: Pat
             if "step_seconds" in r and "step_seconds" in none:
                 r["measured_overhead"] = r["step_seconds"] / none["step_seconds"]
         results[name] = rows
-        _write(path, results, size, steps_n)
+        _write(path, results, size, steps_n, rates_json)
     return results
 
 
-def _write(path: Path, results: dict[str, Any], size: str, steps_n: int) -> None:
+def _write(path: Path, results: dict[str, Any], size: str, steps_n: int, rates: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, other work running beside it",
         "size": size,
         "steps": steps_n,
+        "rates": json.loads(rates),
+        "memory": "peak RSS, MALLOC_MMAP_THRESHOLD_=65536, in one process per model and group",
+        "time": "time.process_time, glibc's default allocator, in a second process with the same Rates",
     }
     path.write_text(json.dumps({"meta": meta, "models": results}, indent=1))
 
@@ -453,8 +501,17 @@ def print_markdown(results: dict[str, Any]) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        name, size, group, steps_n = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-        print(json.dumps(worker(name, size, group, steps_n)))
+        import memfit.remat
+
+        name, size, group, steps_n, mode = (
+            sys.argv[2],
+            sys.argv[3],
+            sys.argv[4],
+            int(sys.argv[5]),
+            sys.argv[6],
+        )
+        rates = memfit.remat.Rates(**json.loads(sys.argv[7]))
+        print(json.dumps(worker(name, size, group, steps_n, mode, rates)))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", default=list(zoo.BUILDERS))
@@ -462,11 +519,17 @@ def main() -> None:
     ap.add_argument("--size", default="small", choices=["tiny", "small"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS / "remat_zoo.json")
+    ap.add_argument(
+        "--rates",
+        default=None,
+        help="memfit.remat.Rates fields as JSON (default: calibrated once at the start; a run split across "
+        "processes passes one set to each for the same plans)",
+    )
     ap.add_argument("--report", action="store_true", help="print the tables of --out without running")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = ap.parse_args()
     if not args.report:
-        run(args.models, args.size, args.groups, args.steps, args.out)
+        run(args.models, args.size, args.groups, args.steps, args.out, args.rates)
     results = json.loads(args.out.read_text())["models"]
     (print_markdown if args.markdown else print_tables)(results)
 
