@@ -354,7 +354,7 @@ def _merge(rss: dict[str, Any], timed: dict[str, Any]) -> dict[str, Any]:
         if cfg.startswith("_"):
             continue
         t = timed.get(cfg, {})
-        row = {k: v for k, v in r.items()}
+        row = dict(r)
         if "error" in t and "error" not in row:
             row["error"] = t["error"]
         for k in ("step_seconds", "step_seconds_all"):

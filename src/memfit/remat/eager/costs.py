@@ -42,13 +42,15 @@ class Rates:
     the matmul rate, and the backward runs slower per FLOP than the forward (ResNet-18: with one rate for all, its
     forward convolutions took 32% of the predicted step and 22% of the profiled one, the backward 61% and 67%).
     A random op draws its largest output's elements at ``random_elements_per_s`` where given, in place of the bytes
-    it moves: a CPU generator draws one element in about the time 25 bytes stream (dropout 8.4 ns an element, a
-    multiply 0.35 ns, one thread), so priced by its bytes a dropout read 1/20 of its time, and the least-memory
-    schedules of BERT and T5, which recompute their dropouts many times, ran 17-23% over their predicted compute.
+    it moves: a CPU generator draws one element in about the time 25 bytes stream (dropout 8-14 ns an element, a
+    multiply 0.35-0.45 ns, one thread), so priced by its bytes a dropout read 1/20 of its time, and the
+    least-memory schedules of BERT and T5, which recompute their dropouts many times, ran 17-23% over their
+    predicted compute.
 
     :func:`calibrate` measures them (once per process and device). Measured on a shared machine they move by
     10-30% between processes, and the plans that depend on them can move with them: pass one ``Rates`` to every
-    process (``memfit.remat.backend(..., rates=...)``) for the same plan everywhere.
+    process (``memfit.remat.compile(..., rates=...)``, ``memfit.remat.backend(..., rates=...)``) for the same plan
+    everywhere.
     """
 
     flops_per_s: float
