@@ -164,7 +164,7 @@ def test_remat_compile_leaves_the_global_rng_alone(monkeypatch):
     model = spec.build()
     example = TextDataset.from_file().batch("train", 0, 2, 16, seed=0)
     # the device calibration draws random matrices once per process (a resumed run's first compile): redo it
-    monkeypatch.setattr("memfit.remat.eager.capture._RATES", {})
+    monkeypatch.setattr("memfit.remat.eager.costs._RATES", {})
     before = torch.get_rng_state()
     remat.compile(model, spec.loss_fn, example, budget=1.0)
     assert torch.equal(torch.get_rng_state(), before)
@@ -308,7 +308,7 @@ def test_resumed_remat_run_checkpoints_the_uninterrupted_runs_rng_state(tmp_path
     calibrates the device again) checkpoints at step 4 the RNG state and losses of a run never stopped."""
     import torch
 
-    calibration = "memfit.remat.eager.capture._RATES"
+    calibration = "memfit.remat.eager.costs._RATES"
     monkeypatch.setattr(calibration, {})
     ref = train(_cfg(tmp_path, "full", steps=4, remat_budget=1.0), say=lambda _m: None)["losses"]
     monkeypatch.setattr(calibration, {})

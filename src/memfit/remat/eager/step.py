@@ -26,12 +26,12 @@ from memfit.remat.core.solve import Method
 from memfit.remat.eager.capture import (
     CapturedStep,
     CostModel,
-    Rates,
     capture,
     flatten_batch,
     generator,
     module_tensors,
 )
+from memfit.remat.eager.costs import Rates
 from memfit.remat.eager.lower import call_cost, lower
 from memfit.remat.eager.updates import ConsumedGraph, is_consuming, sink_gradients
 
