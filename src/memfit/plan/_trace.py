@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from memfit._compat import TorchDispatchMode, fake_tensor_mode, op_returns_alias
 from memfit.memory import MemoryReport, track
-from memfit.remat.eager.costs import draws_random, op_flops, random_seconds
+from memfit.remat.eager.costs import CPU_ATTENTION, GROUPED_MATMULS, draws_random, op_flops, random_seconds
 
 __all__ = ["Env", "StepTrace", "trace_forward_backward"]
 
@@ -101,13 +101,14 @@ class _Cost(TorchDispatchMode):
             return out
         rate = r.flops_per_s
         packet = getattr(func, "overloadpacket", None)
-        if flops and dtype is not None and dtype in self.flops_by_dtype and packet not in _ATTENTION:
+        if flops and dtype is not None and dtype in self.flops_by_dtype and packet not in CPU_ATTENTION:
             # matmuls at their dtype's measured rate; convolutions at the same ratio to float32 (ResNet-18 under
             # bf16 autocast was predicted at 0.01x of measured with convolutions at the float32 rate); the CPU
             # flash attention at the float32 rate in any dtype (bf16: 19 GFLOP/s against float32's 21 on the
             # machine this was written on, where a bf16 matmul ran at 1.0)
             fp32 = self.flops_by_dtype.get(torch.float32, rate)
-            if packet in _MATMULS or getattr(packet, "_qualified_op_name", "") in _GROUPED_MATMULS:
+            # grouped matmuls run matmuls of the same kind (Hugging Face's fallback calls torch.mm per group)
+            if packet in _MATMULS or getattr(packet, "_qualified_op_name", "") in GROUPED_MATMULS:
                 rate = self.flops_by_dtype[dtype]
             else:
                 rate = rate * self.flops_by_dtype[dtype] / fp32
@@ -118,16 +119,6 @@ class _Cost(TorchDispatchMode):
 _MATMUL_RATES: dict[str, dict[torch.dtype, float]] = {}
 # the ops whose rate matmul_rates measures (other FLOPs, e.g. convolutions: calibrate's rate x the dtype's ratio)
 _MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
-# grouped matmuls run matmuls of the same kind (Hugging Face's fallback calls torch.mm per group)
-_GROUPED_MATMULS = {
-    "aten::_grouped_mm",
-    "transformers::grouped_mm_fallback",
-    "transformers::grouped_mm_fallback_backward",
-}
-_ATTENTION = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
-}
 
 
 def matmul_rates(device: torch.device, fp32_rate: float) -> dict[torch.dtype, float]:

@@ -63,7 +63,7 @@ from memfit.remat.compiled import choose
 from memfit.remat.compiled.choose import CompiledPlan
 from memfit.remat.compiled.fusion import _nbytes
 from memfit.remat.compiled.model import _held_bytes
-from memfit.remat.eager.costs import Rates
+from memfit.remat.eager.costs import Rates, check_rates
 
 __all__ = ["CompiledPlan", "MemfitBackend", "backend"]
 
@@ -111,10 +111,7 @@ class MemfitBackend:
         verbose: bool = False,
         rates: Rates | None = None,
     ) -> None:
-        if rates is not None and not isinstance(rates, Rates):
-            raise TypeError(
-                f"rates must be a memfit.remat.Rates (e.g. memfit.remat.calibrate('cpu')) or None, got {rates!r}"
-            )
+        check_rates(rates)
         self.rates = rates
         self.refine = refine and budget is not None and compiler == "inductor"
         self._scale = 1.0

@@ -44,6 +44,7 @@ from memfit.remat.eager.costs import (
     _is_random,
     _tensor_args,
     calibrate,
+    check_rates,
 )
 
 CostModel = Literal["flops", "profile"]
@@ -269,8 +270,7 @@ def capture(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if cost not in ("flops", "profile"):
         raise ValueError(f"cost must be 'flops' or 'profile', got {cost!r}")
-    if rates is not None and not isinstance(rates, Rates):
-        raise TypeError(f"rates must be a memfit.remat.Rates or None, got {type(rates).__name__}")
+    check_rates(rates)
     t0 = time.perf_counter()
     flat, spec = flatten_batch(example_batch)
     # tracing and calibration draw random numbers: fork the RNG so that capturing (e.g. by memfit.remat.compile

@@ -163,6 +163,27 @@ def _measure(device: torch.device) -> Rates:
     return rates
 
 
+# the ops :func:`extra_flops` counts: the CPU flash attention kernels (forward, backward) and grouped matmuls by
+# their qualified names (Hugging Face's fallback is a custom op that exists only where transformers is imported)
+CPU_ATTENTION = frozenset(
+    {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    }
+)
+GROUPED_MATMULS = frozenset(
+    {"aten::_grouped_mm", "transformers::grouped_mm_fallback", "transformers::grouped_mm_fallback_backward"}
+)
+
+
+def check_rates(rates: Any) -> None:
+    """A clear error for ``rates`` that is neither ``None`` nor a :class:`Rates`."""
+    if rates is not None and not isinstance(rates, Rates):
+        raise TypeError(
+            f"rates must be a memfit.remat.Rates (e.g. memfit.remat.calibrate('cpu')) or None, got {rates!r}"
+        )
+
+
 def extra_flops(packet: Any, args: Sequence[Any]) -> int | None:
     """FLOPs of matmul-like ops torch's flop counter does not list, ``None`` for any other op:
 
@@ -182,7 +203,7 @@ def extra_flops(packet: Any, args: Sequence[Any]) -> int | None:
     elif packet is aten._scaled_dot_product_flash_attention_for_cpu_backward:
         q, k, v, rest = args[1], args[2], args[3], args[6:]
         matmuls_d, matmuls_dv = 3, 2  # scores again, dq, dk; dp, dv
-    elif name in ("aten::_grouped_mm", "transformers::grouped_mm_fallback"):
+    elif name in GROUPED_MATMULS and not name.endswith("_backward"):
         a, b = args[0], args[1]
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return 0
@@ -190,9 +211,7 @@ def extra_flops(packet: Any, args: Sequence[Any]) -> int | None:
             return 2 * a.shape[0] * a.shape[1] * b.shape[1]
         rows = a.shape[0] if a.dim() == 2 else a.shape[0] * a.shape[1]
         return 2 * rows * a.shape[-1] * b.shape[-1]
-    elif (
-        name == "transformers::grouped_mm_fallback_backward"
-    ):  # (input, weight, offs, grad) -> grad input, weight
+    elif name in GROUPED_MATMULS:  # HF's backward: (input, weight, offs, grad) -> grad input, grad weight
         a, b = args[0], args[1]
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return 0
