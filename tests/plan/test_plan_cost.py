@@ -43,3 +43,35 @@ def test_cpu_attention_costs_its_flops_at_the_float32_rate(dtype):
     )
     moved = 4 * q.numel() * q.element_size() + 2 * 4 * 16 * 4  # q, k, v, out; logsumexp in float32
     assert seconds == pytest.approx(flops / 1e10 + moved / 1e10 + 1e-6)
+
+
+def test_gathers_cost_their_elements_and_large_outputs_their_fresh_pages():
+    """``aten.index`` costs its output's elements, ``index_put`` (any form) its values' at the gather rate; an
+    output of ``FRESH_PAGES_FROM`` bytes or more adds its bytes at the fresh-page rate, unless the op wrote it in
+    place."""
+    from dataclasses import replace
+
+    from memfit.remat.eager.costs import FRESH_PAGES_FROM
+
+    aten = torch.ops.aten
+    rates = replace(RATES, gather_elements_per_s=1e8, fresh_page_bytes_per_s=1e9)
+    w = torch.empty(8, 128, 512, device="meta")
+    ids = torch.zeros(64, dtype=torch.long, device="meta")
+    n = 64 * 128 * 512  # a 16 MiB output: no fresh pages
+    assert _seconds(lambda: aten.index.Tensor(w, [ids]), rates) == pytest.approx(n / 1e8 + 1e-6)
+    values = torch.empty(64, 128, 512, device="meta")
+    for put in (aten.index_put, aten.index_put_):
+        assert _seconds(lambda put=put: put(w, [ids], values, True), rates) == pytest.approx(n / 1e8 + 1e-6)
+    # without the gather rate: the bytes it reads and writes
+    moved = (w.numel() + n) * 4 + ids.numel() * 8
+    assert _seconds(lambda: aten.index.Tensor(w, [ids])) == pytest.approx(moved / 1e10 + 1e-6)
+    # 128 ids: a 32 MiB output, fresh pages
+    ids = torch.zeros(128, dtype=torch.long, device="meta")
+    assert _seconds(lambda: aten.index.Tensor(w, [ids]), rates) == pytest.approx(
+        2 * n / 1e8 + FRESH_PAGES_FROM / 1e9 + 1e-6
+    )
+    x = torch.empty(FRESH_PAGES_FROM // 4, device="meta")
+    streamed = 2 * FRESH_PAGES_FROM / 1e10 + 1e-6
+    assert _seconds(lambda: x.mul(2.0), rates) == pytest.approx(streamed + FRESH_PAGES_FROM / 1e9)
+    assert _seconds(lambda: x.mul_(2.0), rates) == pytest.approx(streamed)
+    assert _seconds(lambda: x[1:].mul(2.0), rates) == pytest.approx(0.5e-6 + streamed - 8 / 1e10)

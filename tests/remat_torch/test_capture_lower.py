@@ -166,6 +166,64 @@ def test_random_ops_are_priced_by_the_elements_they_draw(monkeypatch):
         assert costs[None][v] == pytest.approx((8 * 16 * 4 * 2 + 8 * 16) / 1e10 + 1e-6)
 
 
+class _Experts(torch.nn.Module):
+    """Each token takes its expert's whole weight, as Mixtral's ``batched_mm`` experts do (``w[ids]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8, 128, 512) * 0.01)
+
+    def forward(self, ids):
+        return self.w[ids]
+
+
+def test_gathers_are_priced_by_their_elements_and_large_outputs_by_their_fresh_pages(monkeypatch):
+    """With ``Rates.gather_elements_per_s``, ``aten.index`` costs its output's elements and the ``index_put`` of its
+    backward its values' elements at that rate, not their bytes; with ``fresh_page_bytes_per_s``, an output of
+    ``FRESH_PAGES_FROM`` bytes or more costs its bytes at that rate on top (the capture allocates none of them)."""
+    from memfit.remat.eager import costs
+
+    aten = torch.ops.aten
+    model = _Experts()
+    ids = torch.randint(0, 8, (128,))  # output (128, 128, 512) float32: 32 MiB, FRESH_PAGES_FROM exactly
+    n, nbytes = 128 * 128 * 512, 128 * 128 * 512 * 4
+    assert nbytes == costs.FRESH_PAGES_FROM
+
+    def loss(m, batch):
+        return m(batch).square().sum()
+
+    base = costs.Rates(flops_per_s=1e10, bytes_per_s=1e10, op_overhead_s=1e-6)
+    found = {}
+    for gather, fresh in ((None, None), (1e8, None), (1e8, 1e9)):
+        monkeypatch.setitem(
+            costs._RATES, "cpu", replace(base, gather_elements_per_s=gather, fresh_page_bytes_per_s=fresh)
+        )
+        cap = capture(model, loss, ids)
+        by_op = {}
+        for v, r in enumerate(cap.refs):
+            if r is not None and r.view_of is None:
+                by_op.setdefault(r.node.target, []).append(cap.graph.cost(v))
+        found[gather, fresh] = by_op
+    index, index_put = aten.index.Tensor, aten.index_put.default
+    for key in found:
+        assert len(found[key][index]) == 1 and len(found[key][index_put]) == 1
+    weight, ids_bytes = 8 * 128 * 512 * 4, 128 * 8
+    # by their bytes: index reads the weight and the ids and writes its output; index_put reads the zeros, the ids
+    # and the values and writes a weight-sized result
+    assert found[None, None][index] == [pytest.approx((weight + ids_bytes + nbytes) / 1e10 + 1e-6)]
+    assert found[None, None][index_put] == [pytest.approx((2 * weight + ids_bytes + nbytes) / 1e10 + 1e-6)]
+    # by their elements: the gathered output, the scattered values
+    assert found[1e8, None][index] == [pytest.approx(n / 1e8 + 1e-6)]
+    assert found[1e8, None][index_put] == [pytest.approx(n / 1e8 + 1e-6)]
+    # index's 32 MiB output is fresh pages; index_put's 2 MiB result is not
+    assert found[1e8, 1e9][index] == [pytest.approx(n / 1e8 + nbytes / 1e9 + 1e-6)]
+    assert found[1e8, 1e9][index_put] == found[1e8, None][index_put]
+    # any op's: the powers (the square, and its derivative in the backward) are the gather's size, the sum a scalar
+    powers, plain = found[1e8, 1e9][aten.pow.Tensor_Scalar], found[1e8, None][aten.pow.Tensor_Scalar]
+    assert len(powers) == 2 and powers == [pytest.approx(c + nbytes / 1e9) for c in plain]
+    assert found[1e8, 1e9][aten.sum.default] == found[1e8, None][aten.sum.default]
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpu_attention_and_grouped_matmuls_are_priced_by_torchs_formulas(causal):
     """The ops torch's flop counter leaves out get FLOPs: the CPU flash attention kernels as torch counts the CUDA

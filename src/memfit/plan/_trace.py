@@ -13,8 +13,9 @@ Two dispatch modes help:
   attention masks. The mode answers 1 for floats and integers and ``True`` for booleans: the value steers
   arithmetic, never which tensors are made (the memory of the step does not depend on it).
 - :class:`_Cost`: the time of each op at calibrated rates (:class:`memfit.remat.Rates`): its FLOPs (torch's
-  flop-counter formulas) at the matmul rate, the bytes it reads and writes at the memory bandwidth, plus a
-  dispatch overhead — the cost model :func:`memfit.remat.capture` gives each graph node.
+  flop-counter formulas) at the matmul rate, the bytes it reads and writes at the memory bandwidth (a random op's
+  draws, an advanced-indexing op's elements at their own rates), large outputs' fresh pages, plus a dispatch
+  overhead — the cost model :func:`memfit.remat.capture` gives each graph node.
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ from torch.utils import _pytree as pytree
 
 from memfit._compat import TorchDispatchMode, fake_tensor_mode, op_returns_alias
 from memfit.memory import MemoryReport, track
-from memfit.remat.eager.costs import CPU_ATTENTION, GROUPED_MATMULS, draws_random, op_flops, random_seconds
+from memfit.remat.eager.costs import (
+    CPU_ATTENTION,
+    GROUPED_MATMULS,
+    draws_random,
+    fresh_page_seconds,
+    gather_seconds,
+    op_flops,
+    random_seconds,
+)
 
 __all__ = ["Env", "StepTrace", "trace_forward_backward"]
 
@@ -95,9 +104,14 @@ class _Cost(TorchDispatchMode):
                 moved += t.numel() * t.element_size()
                 dtype = dtype or t.dtype
         flops = op_flops(func, args, kwargs, out)
+        # large outputs' fresh pages, a random op's draws, an advanced-indexing op's elements: as the capture prices
+        fixed = fresh_page_seconds(out, r, pytree.tree_leaves((args, kwargs))) + r.op_overhead_s
         if r.random_elements_per_s is not None and draws_random(func, args, kwargs):
-            # a random op costs its draws, as the remat capture prices it
-            self.seconds += flops / r.flops_per_s + random_seconds(out, r) + r.op_overhead_s
+            self.seconds += flops / r.flops_per_s + random_seconds(out, r) + fixed
+            return out
+        gathered = gather_seconds(func, args, kwargs, out, r)
+        if gathered is not None:
+            self.seconds += flops / r.flops_per_s + gathered + fixed
             return out
         rate = r.flops_per_s
         packet = getattr(func, "overloadpacket", None)
@@ -112,7 +126,7 @@ class _Cost(TorchDispatchMode):
                 rate = self.flops_by_dtype[dtype]
             else:
                 rate = rate * self.flops_by_dtype[dtype] / fp32
-        self.seconds += flops / rate + moved / r.bytes_per_s + r.op_overhead_s
+        self.seconds += flops / rate + moved / r.bytes_per_s + fixed
         return out
 
 

@@ -3,7 +3,8 @@
 ``cost="flops"`` (the default of :func:`memfit.remat.eager.capture.capture`) prices an op as its FLOPs (torch's
 ``flop_counter`` formulas, plus :func:`extra_flops` for the matmuls it leaves out) at a measured matmul rate
 (convolutions and their backward at their own), the bytes it reads and writes at a measured bandwidth (a random op:
-its draws at a measured dropout rate), and a measured dispatch time per op. The compiled path's model
+its draws at a measured dropout rate; an advanced-indexing gather or scatter: its indexed elements at a measured
+gather rate), the fresh pages of its large CPU outputs at a measured rate, and a measured dispatch time per op. The compiled path's model
 (:mod:`memfit.remat.compiled.model`) and the planner's step-time roofline (:mod:`memfit.plan`) price with the same
 functions.
 """
@@ -23,7 +24,18 @@ from torch.utils.flop_counter import flop_registry
 
 from memfit import _compat
 
-__all__ = ["Rates", "calibrate", "draws_random", "extra_flops", "op_flops", "random_seconds"]
+__all__ = [
+    "FRESH_PAGES_FROM",
+    "Rates",
+    "calibrate",
+    "draws_random",
+    "extra_flops",
+    "fresh_page_seconds",
+    "gather_seconds",
+    "gathered_elements",
+    "op_flops",
+    "random_seconds",
+]
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -47,6 +59,22 @@ class Rates:
     least-memory schedules of BERT and T5, which recompute their dropouts many times, ran 17-23% over their
     predicted compute.
 
+    An advanced-indexing gather or scatter (``aten.index.Tensor``, ``aten.index_put`` and its in-place forms) moves
+    its indexed elements at ``gather_elements_per_s`` where given: index's output, index_put's values. On one
+    thread of the 2-core x86_64 CPU this was written on (torch 2.13.0+cpu, 2026-12-03, outputs of 16 MiB, as the
+    multiply that measures the bandwidth, 0.29-0.49 ns an element): ``index.Tensor`` of an (8, 128, 512) float32
+    weight by 64 ids along dim 0 0.92 ns an element, of an (8192, 512) one by 8192 rows 1.2 ns (4-6x its bytes'
+    price); ``index_put`` with ``accumulate`` of (64, 128, 512) values 0.55 ns, of (8192, 512) 1.6 ns (3-3.7x);
+    ``index_select``, ``gather`` along the last dim, ``scatter``, ``scatter_add``, ``index_add`` and
+    ``embedding`` 0.35-1.6 ns, within 0.7-2.4x of their bytes' price: priced by their bytes.
+
+    A CPU output of ``FRESH_PAGES_FROM`` bytes or more costs its bytes at ``fresh_page_bytes_per_s`` on top, where
+    given: glibc's allocator maps such a block anew (its dynamic mmap threshold stops at 32 MiB on 64-bit), and the
+    kernel zeroes each page at its first touch. Measured as above: a multiply with a 16 MiB output 0.49 ns an
+    element, with a 32-512 MiB one 2.7 ns; ``index.Tensor`` 0.89 and 3.1-3.3 ns; ``torch.empty(n).fill_`` 0.28
+    and 2.4-2.8 ns; into a preallocated output (``out=``) 0.3-0.5 ns at every size. Mixtral's ``batched_mm``
+    experts gather 256-512 MiB of expert weights a call, and its least-memory schedule recomputes them.
+
     :func:`calibrate` measures them (once per process and device). Measured on a shared machine they move by
     10-30% between processes, and the plans that depend on them can move with them: pass one ``Rates`` to every
     process (``memfit.remat.compile(..., rates=...)``, ``memfit.remat.backend(..., rates=...)``) for the same plan
@@ -59,9 +87,17 @@ class Rates:
     conv_flops_per_s: float | None = None
     conv_backward_flops_per_s: float | None = None
     random_elements_per_s: float | None = None
+    gather_elements_per_s: float | None = None
+    fresh_page_bytes_per_s: float | None = None
 
     def __post_init__(self) -> None:
-        optional = ("conv_flops_per_s", "conv_backward_flops_per_s", "random_elements_per_s")
+        optional = (
+            "conv_flops_per_s",
+            "conv_backward_flops_per_s",
+            "random_elements_per_s",
+            "gather_elements_per_s",
+            "fresh_page_bytes_per_s",
+        )
         for name in ("flops_per_s", "bytes_per_s", "op_overhead_s", *optional):
             value = getattr(self, name)
             if name in optional and value is None:
@@ -106,8 +142,8 @@ def _calibrate(device: torch.device) -> Rates:
 
 
 def _measure(device: torch.device) -> Rates:
-    """Time a matmul, a streaming multiply, a tiny op, a dropout and a convolution (forward, backward) on
-    ``device``."""
+    """Time a matmul, a streaming multiply, a tiny op, a dropout, a gather, a convolution (forward, backward) and,
+    on a CPU, the fill of a fresh block on ``device``."""
 
     def sync() -> None:
         if device.type == "cuda":
@@ -131,6 +167,11 @@ def _measure(device: torch.device) -> Rates:
     bandwidth = 2 * big.numel() * 4 / best(lambda: big.mul(2.0))
     # a whole dropout (draws, mask, scaling): what a random op's elements cost, its memory traffic included
     random = big.numel() / best(lambda: torch.ops.aten.native_dropout.default(big, 0.1, True), reps=3)
+    # a gather of whole rows by a 1-d index (Mixtral batched_mm's experts): a 16 MiB output, as the multiply's
+    weight = torch.randn(8, 128, 512, device=device)
+    ids = torch.randint(0, 8, (big.numel() // (128 * 512),), device=device)
+    gather = big.numel() / best(lambda: torch.ops.aten.index.Tensor(weight, [ids]))
+    fresh = _fresh_pages(best, big) if device.type == "cpu" else None
     tiny = torch.empty(1, device=device)
     overhead = best(lambda: [tiny.add(1) for _ in range(100)]) / 100
     # a 3x3 convolution and its backward (ResNet's stage-1 shape, batch 4 at 32x32 on a CPU): FLOPs by torch's formulas
@@ -159,8 +200,22 @@ def _measure(device: torch.device) -> Rates:
         conv_flops_per_s=conv_flops / forward,
         conv_backward_flops_per_s=2 * conv_flops / backward,
         random_elements_per_s=random,
+        gather_elements_per_s=gather,
+        fresh_page_bytes_per_s=fresh,
     )
     return rates
+
+
+def _fresh_pages(best: Callable[[Callable[[], object]], float], big: torch.Tensor) -> float | None:
+    """Bytes a second the allocator's fresh pages cost: a fill of a new ``FRESH_PAGES_FROM``-sized block less a fill
+    of one allocated before; ``None`` where the new block costs no more (an allocator that keeps such blocks)."""
+    n = 2 * FRESH_PAGES_FROM // big.element_size()
+    reused = torch.empty(n, dtype=big.dtype)
+    fill = best(lambda: reused.fill_(1.0))
+    fresh = best(lambda: torch.empty(n, dtype=big.dtype).fill_(1.0))
+    if fresh < 1.2 * fill:
+        return None
+    return n * big.element_size() / (fresh - fill)
 
 
 # the ops :func:`extra_flops` counts: the CPU flash attention kernels (forward, backward) and grouped matmuls by
@@ -263,14 +318,68 @@ def random_seconds(out: Any, rates: Rates) -> float:
     return float(drawn) / rates.random_elements_per_s
 
 
+# glibc's malloc maps a block this large anew at each allocation (its dynamic mmap threshold stops at 32 MiB on
+# 64-bit: DEFAULT_MMAP_THRESHOLD_MAX in malloc/malloc.c), and the kernel zeroes each page at its first touch
+FRESH_PAGES_FROM = 32 * 2**20
+
+# advanced indexing: what Rates.gather_elements_per_s prices, by the elements it indexes
+_INDEX = frozenset({torch.ops.aten.index})
+_INDEX_PUT = frozenset({torch.ops.aten.index_put, torch.ops.aten.index_put_, torch.ops.aten._index_put_impl_})
+
+
+def gathered_elements(target: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> int | None:
+    """The elements an advanced-indexing gather or scatter moves: ``aten.index``'s output, ``aten.index_put``'s
+    values (any form); ``None`` for any other op. ``args`` and ``out`` are values (tensors, fake or real)."""
+    packet = getattr(target, "overloadpacket", None)
+    if packet in _INDEX:
+        moved = out
+    elif packet in _INDEX_PUT:
+        moved = args[2] if len(args) > 2 else kwargs.get("values")
+    else:
+        return None
+    return max((t.numel() for t in pytree.tree_leaves(moved) if isinstance(t, torch.Tensor)), default=0)
+
+
+def gather_seconds(
+    target: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any, rates: Rates
+) -> float | None:
+    """What an advanced-indexing op's elements (:func:`gathered_elements`) cost at ``rates.gather_elements_per_s``,
+    their memory traffic included; ``None`` for any other op or without that rate (price it by its bytes)."""
+    if rates.gather_elements_per_s is None:
+        return None
+    moved = gathered_elements(target, args, kwargs, out)
+    return None if moved is None else moved / rates.gather_elements_per_s
+
+
+def fresh_page_seconds(out: Any, rates: Rates, inputs: Sequence[Any] = ()) -> float:
+    """What the fresh pages of an op's outputs of :data:`FRESH_PAGES_FROM` bytes or more cost at
+    ``rates.fresh_page_bytes_per_s`` (0 without it); an output that is one of ``inputs`` (an in-place op's) is not
+    allocated."""
+    if rates.fresh_page_bytes_per_s is None:
+        return 0.0
+    fresh = 0
+    for t in pytree.tree_leaves(out):
+        if isinstance(t, torch.Tensor) and not any(t is a for a in inputs):
+            nbytes = t.numel() * t.element_size()
+            fresh += nbytes if nbytes >= FRESH_PAGES_FROM else 0
+    return fresh / rates.fresh_page_bytes_per_s
+
+
 def _estimate_cost(node: fx.Node, out_bytes: int, is_view: bool, rates: Rates) -> float:
     """Seconds for one op: FLOPs at the matmul rate + bytes read and written at the bandwidth (a random op: its
-    largest output's elements at the random rate) + dispatch."""
+    largest output's elements at the random rate; an advanced-indexing op: its indexed elements at the gather rate)
+    + its large outputs' fresh pages + dispatch."""
     if is_view:
         return rates.op_overhead_s * 0.5
     flops = _flops(node)
+    out = node.meta.get("val")
+    fixed = fresh_page_seconds(out, rates) + rates.op_overhead_s
     if rates.random_elements_per_s is not None and _is_random(node):
-        return flops / rates.flops_per_s + random_seconds(node.meta.get("val"), rates) + rates.op_overhead_s
+        return flops / rates.flops_per_s + random_seconds(out, rates) + fixed
+    args, kwargs = pytree.tree_map_only(fx.Node, lambda a: a.meta.get("val"), (node.args, node.kwargs))
+    gathered = gather_seconds(node.target, args, kwargs, out, rates)
+    if gathered is not None:
+        return flops / rates.flops_per_s + gathered + fixed
     packet = getattr(node.target, "overloadpacket", None)
     rate = rates.flops_per_s
     if packet is torch.ops.aten.convolution and rates.conv_flops_per_s is not None:
@@ -282,7 +391,7 @@ def _estimate_cost(node: fx.Node, out_bytes: int, is_view: bool, rates: Rates) -
         val = a.meta.get("val")
         if isinstance(val, torch.Tensor):
             read += val.numel() * val.element_size()
-    return flops / rate + (read + out_bytes) / rates.bytes_per_s + rates.op_overhead_s
+    return flops / rate + (read + out_bytes) / rates.bytes_per_s + fixed
 
 
 def draws_random(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
