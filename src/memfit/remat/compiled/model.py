@@ -22,7 +22,9 @@ from torch.utils.checkpoint import CheckpointPolicy
 from memfit.remat.compiled.fusion import (
     _call_scratch,
     _ends_stretch,
+    _flat_loads,
     _Fusion,
+    _gradient_sum_groups,
     _is_impure,
     _is_random,
     _is_tensors,
@@ -30,6 +32,8 @@ from memfit.remat.compiled.fusion import (
     _kind,
     _layout_copies,
     _layout_opt,
+    _loops,
+    _name,
     _nbytes,
     _owners,
     _reads_after_fusion,
@@ -186,6 +190,7 @@ class _Model:
         # which values get a buffer (inductor's store-or-inline choice, made in order)
         fusion = _Fusion(self.addmm, self._fuses_memo)
         stored: set[tuple[fx.Node, bool]] = set()
+        sum_loads: dict[tuple[fx.Node, bool], list[Any]] = {}  # the gradient sums' loads
         for key in seq:
             n, again = key
             kept = (n in saved and not again) or n in self.bw_outputs or n in self.fw_outputs
@@ -197,6 +202,8 @@ class _Model:
             )
             if self._materialized(key, users.get(key, ()), kept, fusion, inputs, uses):
                 stored.add(key)
+                if self.fused and n in self.bw_outputs and _gradient_sum(n, self.kind[n]):
+                    sum_loads[key] = [x for k in inputs for x in fusion.load(k)[0]]
         # where each value's reads happen: an inlined value (or a view) reads inside the kernels that read it
         run = _run_positions(seq, stored, lambda key: reader_keys.get(key, ()), lambda key: position[key])
         # last use of each storage owner over the whole sequence; recomputed copies are distinct values
@@ -209,6 +216,10 @@ class _Model:
         for n in self.bw_outputs:
             if (n, False) in position:
                 last[(self.owner[n], False)] = len(seq)
+        later = self._gradient_sums_last(sum_loads, position, recompute)
+        for b, at in later.items():
+            if isinstance(b, tuple):
+                last[b] = max(last.get(b, -1), at)
         live = 0
         peak = 0
         frees: dict[int, int] = {}
@@ -231,6 +242,8 @@ class _Model:
             for a in self.reads[n]:
                 if a in self.tangents:
                     tangent_last[a] = max(tangent_last.get(a, -1), run[i])
+        for t in tangent_last:
+            tangent_last[t] = max(tangent_last[t], later.get(t, -1))
         for t, end in tangent_last.items():
             size = _nbytes(t.meta.get("val"))
             adds[len(self.fw)] = adds.get(len(self.fw), 0) + size
@@ -250,6 +263,42 @@ class _Model:
             peak = max(peak, live + self.scratch.get(key[0], 0))
             live -= frees.pop(i, 0)
         return peak, sum(self.bytes[n] for n in saved)
+
+    def _gradient_sums_last(
+        self,
+        sum_loads: dict[tuple[fx.Node, bool], list[Any]],
+        position: dict[tuple[fx.Node, bool], int],
+        recompute: set[fx.Node],
+    ) -> dict[Any, int]:
+        """Where the buffers the gradient sums read are read last when inductor runs them together
+        (:func:`~memfit.remat.compiled.fusion._gradient_sum_groups`): the storage (a value's copy, or an input) ->
+        the position of the last sum of its group."""
+        if len(sum_loads) < 2:
+            return {}
+
+        def is_key(x: Any) -> bool:
+            return isinstance(x, fx.Node) or (
+                isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], fx.Node) and isinstance(x[1], bool)
+            )
+
+        def buffers(key: tuple[fx.Node, bool]) -> set[Any]:
+            found: set[Any] = set()
+            for x in _flat_loads(sum_loads[key], is_key):
+                if isinstance(x, fx.Node):
+                    found.add(x)  # an input
+                else:
+                    base = self.owner[x[0]]
+                    found.add((base, x[1] and base in recompute))
+            return found
+
+        sums = sorted(sum_loads, key=position.__getitem__)
+        later: dict[Any, int] = {}
+        for group in _gradient_sum_groups(sums, buffers, lambda key: _loops(key[0])):
+            at = max(position[key] for key in group)
+            for key in group:
+                for b in buffers(key):
+                    later[b] = max(later.get(b, -1), at)
+        return later
 
     def _kernels(
         self,
@@ -555,6 +604,18 @@ def _run_peak(
             last[owner[a]] = max(last.get(owner[a], -1), run[i])
     for n in keep:  # an output that is a view (a transposed weight gradient) keeps its base
         last[owner[n]] = len(nodes)
+    if fused:  # the gradient sums inductor runs together, where the last of them runs: what they read lives until then
+
+        def buffers(v: fx.Node) -> set[fx.Node]:
+            loads = [x for a in reads[v] for x in fusion.load(a)[0]]
+            return {owner[x] for x in _flat_loads(loads, lambda x: isinstance(x, fx.Node))}
+
+        sums = [n for n in nodes if n in stored and n in keep and _gradient_sum(n, kind[n])]
+        for group in _gradient_sum_groups(sums, buffers, _loops):
+            at = max(index[v] for v in group)
+            for v in group:
+                for b in buffers(v):
+                    last[b] = max(last.get(b, -1), at)
     matmuls = set(fused_mm) | addmm
     kernels = (
         _kernels(
@@ -585,6 +646,12 @@ def _run_peak(
         peak = max(peak, live + scratch)
         live -= frees.pop(i, 0)
     return peak, live + sum(frees.values())
+
+
+def _gradient_sum(n: fx.Node, kind: str) -> bool:
+    """A sum :func:`~memfit.remat.compiled.fusion._gradient_sum_groups` may fuse (the caller checks that only the
+    graph reads it)."""
+    return kind == "other" and _name(n) == "sum"
 
 
 def _run_positions(
