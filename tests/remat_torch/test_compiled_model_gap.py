@@ -182,9 +182,9 @@ def test_kernels_join_reads_within_a_stretch_between_extern_kernels():
     assert k[by["mm"]] == (pos[by["mm"]],) * 2
 
 
-def _graph_plans(f, *args) -> tuple[int, int, int]:
-    """``(inductor's plan, memfit's model, the model without the gradient-sum rule)`` of one graph's peak (its
-    inputs count nothing)."""
+def _graph_plans(f, *args, rule: str) -> tuple[int, int, int]:
+    """``(inductor's plan, memfit's model, the model without ``rule``)`` of one graph's peak (its inputs count
+    nothing); ``rule``: the function of :mod:`memfit.remat.compiled.model` to turn off."""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx_inner
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -203,13 +203,39 @@ def _graph_plans(f, *args) -> tuple[int, int, int]:
     kind = {n: fusion._kind(n) for n in nodes}
     outputs = set(gm.graph.output_node().args[0])
     peak, _ = model._run_peak(nodes, kind, fusion._owners(nodes, kind), outputs, {}, True)
-    real = model._gradient_sum_groups
+    real = getattr(model, rule)
     try:
-        model._gradient_sum_groups = lambda *a, **k: []
+        setattr(model, rule, lambda *a, **k: [] if rule == "_gradient_sum_groups" else {})
         apart, _ = model._run_peak(nodes, kind, fusion._owners(nodes, kind), outputs, {}, True)
     finally:
-        model._gradient_sum_groups = real
+        setattr(model, rule, real)
     return plan.peak, peak, apart
+
+
+def test_inplace_reuse_within_a_kernel_as_in_inductors_plan():
+    """fusion._inplace: a kernel's value that only the next value of the kernel reads, at the same index, gives it
+    its buffer (inductor's decide_inplace_update). A sum of 16 inputs is stored (its expression loads more than
+    realize_acc_reads_threshold buffers), read once by ``sin(b) * 2``: one 256 KiB buffer for both in inductor's
+    plan and in the model; without the rule the model counts two. Returned, the sum keeps its buffer and the sine
+    gets its own, in both (a partial sum of the first inputs still gives its buffer to the next, in both)."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(256, 256, generator=g) for _ in range(16)] + [torch.randn(256, 16, generator=g)]
+
+    def f(*xs):
+        b = sum(xs[1:-1], xs[0])
+        return ((b.sin() * 2) @ xs[-1],)
+
+    planned, peak, apart = _graph_plans(f, *xs, rule="_inplace")
+    assert peak == planned
+    assert apart - planned > 0.9 * 256 * 256 * 4
+
+    def returned(*xs):
+        b = sum(xs[1:-1], xs[0])
+        return ((b.sin() * 2) @ xs[-1], b)
+
+    planned, peak, apart = _graph_plans(returned, *xs, rule="_inplace")
+    assert peak == planned
+    assert planned > 2 * 256 * 256 * 4  # the sum and the sine apart
 
 
 def test_gradient_sums_run_together_as_in_inductors_plan():
@@ -228,7 +254,7 @@ def test_gradient_sums_run_together_as_in_inductors_plan():
         c = (b @ w) @ wt  # 16 MiB between the sums
         return s1, s2, (b * c * grad).sum(0)
 
-    planned, peak, apart = _graph_plans(f, x, w, a, grad, wt)
+    planned, peak, apart = _graph_plans(f, x, w, a, grad, wt, rule="_gradient_sum_groups")
     assert abs(peak / planned - 1) < 1e-3
     assert planned - apart > 0.9 * 2**20
 

@@ -571,3 +571,78 @@ def _flat_loads(loads: Iterable[Any], leaf: Callable[[Any], bool]) -> list[Any]:
         elif isinstance(x, tuple):
             stack.extend(x)
     return found
+
+
+def _inplace(
+    values: Sequence[Any],
+    loads: Callable[[Any], Iterable[Any]],
+    storage: Callable[[Any], Any | None],
+    kernel_start: Callable[[Any], int],
+    position: Callable[[Any], int],
+    readers: Callable[[Any], Iterable[Any]],
+    in_kernel: Callable[[Any], bool],
+    writable: Callable[[Any], bool],
+    val: Callable[[Any], Any],
+) -> dict[Any, Any]:
+    """inductor's in-place reuse (``SchedulerNode.decide_inplace_update``, ``wrapper.codegen_inplace_reuse``) within
+    one fused kernel: a stored pointwise value is written into the buffer of a value of the same kernel that it
+    loads at the same index (same dtype, storage size and layout) and that no other kernel value reads, unless that
+    buffer must survive (a graph output). The value then allocates nothing, and the buffer lives until the value's
+    last reader. Returns ``{value: the value whose buffer it takes}``, in the order the values run (a value may take
+    a buffer another value took before it: one storage for a chain).
+
+    ``values``: the candidates (stored pointwise values, not an ``addmm``'s add nor an indexing op), in run order;
+    ``loads(v)``: what ``v``'s fused loop loads (:meth:`_Fusion.load` of its inputs); ``storage(x)``: the value whose
+    buffer a load ``x`` reads at ``v``'s index (through reshapes only), ``None`` for a load at other indices;
+    ``kernel_start(b)``: where ``b``'s kernel starts (:func:`_kernels`; -1 for an input); ``readers(b)``: the
+    values that read ``b`` directly; ``in_kernel(r)``: whether ``r`` is computed in a kernel (stored, or an extern
+    kernel) rather than inlined into its readers; ``writable(b)``, ``val(b)``: whether ``b``'s buffer may be
+    overwritten, and its example value.
+
+    inductor also writes into the buffers of earlier kernels' values and of the backward's saved inputs when those
+    are read last; the model does not, because which reads are the last ones depends on the kernels inductor fuses
+    and reorders, which the model does not know: with reuse across kernels, memfit's GPT at budgets 0.8 and 0.5
+    read 0.81-0.87 of inductor's plan (it wrote a GELU's gradient over its saved input, which inductor reads again
+    in a kernel it fused horizontally; inductor wrote it over the incoming gradient). Within a kernel
+    (``benchmarks/remat_compiled_model_gap.py``'s graphs, memfit's model against inductor's plan of the same
+    graphs): Mamba at budget 0.7 1.117 -> 1.097 (its scan's backward writes most of its values over the ones they
+    are computed from), with torch's partition GPT-2 1.024 -> 1.000, Llama 1.085 -> 1.042, Mamba 1.015 -> 0.996;
+    Llama at 0.7 0.972 -> 0.927 (inductor also keeps freed buffers for later reuse, not modelled)."""
+    memo: dict[Any, set[Any]] = {}
+
+    def kernel_readers(x: Any) -> set[Any]:
+        found = memo.get(x)
+        if found is None:
+            found = set()
+            for r in readers(x):
+                found |= {r} if in_kernel(r) else kernel_readers(r)
+            memo[x] = found
+        return found
+
+    taken: set[Any] = set()
+    chosen: dict[Any, Any] = {}
+    for v in values:
+        start = kernel_start(v)
+        candidates = {b for b in (storage(x) for x in loads(v)) if b is not None}
+        for b in sorted(candidates, key=position):
+            if b in taken or not writable(b) or kernel_start(b) != start or not _same_index(val(b), val(v)):
+                continue
+            if kernel_readers(b) != {v}:
+                continue
+            taken.add(b)
+            chosen[v] = b
+            break
+    return chosen
+
+
+def _same_index(a: Any, b: Any) -> bool:
+    """Whether a kernel writing ``b`` can write into ``a``'s buffer at the index it reads it
+    (``can_match_buffer_size`` and an equal index): same dtype and bytes, and the same layout (or both
+    contiguous)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    if a.dtype != b.dtype or a.device != b.device or _nbytes(a) != _nbytes(b):
+        return False
+    if tuple(a.shape) == tuple(b.shape) and tuple(a.stride()) == tuple(b.stride()):
+        return True
+    return a.is_contiguous() and b.is_contiguous()

@@ -20,11 +20,14 @@ from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import CheckpointPolicy
 
 from memfit.remat.compiled.fusion import (
+    _INDEXING,
+    _RESHAPE,
     _call_scratch,
     _ends_stretch,
     _flat_loads,
     _Fusion,
     _gradient_sum_groups,
+    _inplace,
     _is_impure,
     _is_random,
     _is_tensors,
@@ -191,6 +194,9 @@ class _Model:
         fusion = _Fusion(self.addmm, self._fuses_memo)
         stored: set[tuple[fx.Node, bool]] = set()
         sum_loads: dict[tuple[fx.Node, bool], list[Any]] = {}  # the gradient sums' loads
+        loads: dict[
+            tuple[fx.Node, bool], list[Any]
+        ] = {}  # a stored pointwise value's loads (in-place candidates)
         for key in seq:
             n, again = key
             kept = (n in saved and not again) or n in self.bw_outputs or n in self.fw_outputs
@@ -204,6 +210,8 @@ class _Model:
                 stored.add(key)
                 if self.fused and n in self.bw_outputs and _gradient_sum(n, self.kind[n]):
                     sum_loads[key] = [x for k in inputs for x in fusion.load(k)[0]]
+                if self.fused and self._inplace_candidate(n):
+                    loads[key] = [x for k in inputs for x in fusion.load(k)[0]]
         # where each value's reads happen: an inlined value (or a view) reads inside the kernels that read it
         run = _run_positions(seq, stored, lambda key: reader_keys.get(key, ()), lambda key: position[key])
         # last use of each storage owner over the whole sequence; recomputed copies are distinct values
@@ -250,16 +258,25 @@ class _Model:
             frees[end] = frees.get(end, 0) + size
         # the kernels values are computed in: a kernel's buffers are allocated when it starts, live until it ends
         kernels = self._kernels(seq, stored, lambda key: read_keys[position[key]])
+        ends = {key: max(last.get(key, position[key]), kernels[key][1]) for key in stored}
+        taken = self._inplace(
+            [key for key in seq if key in loads], loads, stored, kernels, position, reader_keys, recompute
+        )
+        for v, b in taken.items():  # one storage for a chain: it lives until its last value's end
+            root = b
+            while root in taken:
+                root = taken[root]
+            ends[root] = max(ends[root], ends[v])
         starts: dict[int, list[tuple[fx.Node, bool]]] = {}
         for key in stored:
-            starts.setdefault(kernels[key][0], []).append(key)
+            if key not in taken:
+                starts.setdefault(kernels[key][0], []).append(key)
         for i, key in enumerate(seq):
             live += adds.pop(i, 0)
             for v in starts.pop(i, ()):
                 size = self.bytes[v[0]]
                 live += size
-                end = max(last.get(v, position[v]), kernels[v][1])
-                frees[end] = frees.get(end, 0) + size
+                frees[ends[v]] = frees.get(ends[v], 0) + size
             peak = max(peak, live + self.scratch.get(key[0], 0))
             live -= frees.pop(i, 0)
         return peak, sum(self.bytes[n] for n in saved)
@@ -299,6 +316,49 @@ class _Model:
                 for b in buffers(key):
                     later[b] = max(later.get(b, -1), at)
         return later
+
+    def _inplace_candidate(self, n: fx.Node) -> bool:
+        """Whether inductor may write ``n`` into the buffer of a value it reads (a pointwise kernel's value, not an
+        ``addmm``'s add nor an indexing op, which reads at other indices)."""
+        return self.kind[n] == "pointwise" and n not in self.addmm and _name(n) not in _INDEXING
+
+    def _inplace(
+        self,
+        values: list[tuple[fx.Node, bool]],
+        loads: dict[tuple[fx.Node, bool], list[Any]],
+        stored: set[tuple[fx.Node, bool]],
+        kernels: dict[tuple[fx.Node, bool], tuple[int, int]],
+        position: dict[tuple[fx.Node, bool], int],
+        reader_keys: dict[tuple[fx.Node, bool], list[tuple[fx.Node, bool]]],
+        recompute: set[fx.Node],
+    ) -> dict[tuple[fx.Node, bool], tuple[fx.Node, bool]]:
+        """:func:`~memfit.remat.compiled.fusion._inplace` over the simulated sequence: a stored value or its
+        copy may be overwritten once read last, unless the step returns it (a graph output)."""
+        if not values:
+            return {}
+        outputs = self.fw_outputs | self.bw_outputs
+
+        def storage(x: Any) -> tuple[fx.Node, bool] | None:
+            if not (isinstance(x, tuple) and isinstance(x[0], fx.Node)):
+                return None  # a load at other indices
+            n, again = x
+            base = _reshaped_base(n, self.kind)
+            if base is None:
+                return None
+            key = (base, again and base in recompute)
+            return key if key in position else None
+
+        return _inplace(
+            values,
+            loads.__getitem__,
+            storage,
+            lambda v: kernels[v][0] if v in kernels else -1,
+            position.__getitem__,
+            lambda b: reader_keys.get(b, ()),
+            lambda r: r in stored or self.kind[r[0]] not in ("pointwise", "view"),
+            lambda b: b in stored and b[0] not in outputs and _name(b[0]) != "cat",
+            lambda b: b[0].meta.get("val"),
+        )
 
     def _kernels(
         self,
@@ -566,8 +626,11 @@ def _run_peak(
     """``(peak, live at the end)`` of one graph run in order: ``carry`` are inputs that occupy memory until their
     last use (to the end if kept), ``keep`` values that live to the end (outputs). With ``fused``, a oneDNN
     convolution's call holds its scratch (:func:`~memfit.remat.compiled.fusion._call_scratch`; ``channels_last``:
-    the forward's layout optimisation made its activations so), and the values one kernel computes are allocated
-    when it starts and live until it ends (:func:`~memfit.remat.compiled.fusion._kernels`)."""
+    the forward's layout optimisation made its activations so), the values one kernel computes are allocated
+    when it starts and live until it ends (:func:`~memfit.remat.compiled.fusion._kernels`), and a value written
+    into the buffer of one its kernel computes allocates nothing (:func:`~memfit.remat.compiled.fusion._inplace`),
+    and the gradient sums inductor fuses run where the last of them runs
+    (:func:`~memfit.remat.compiled.fusion._gradient_sum_groups`)."""
     reads, fused_mm = _reads_after_fusion(nodes, fused)
     addmm = set(fused_mm.values())
     # which values get a buffer: inductor's store-or-inline choice, made in order
@@ -624,22 +687,43 @@ def _run_peak(
         if fused
         else {n: (index[n], index[n]) for n in stored}
     )
+    end = {v: max(last.get(v, index[v]), kernels[v][1]) for v in stored}
+    end.update({p: len(nodes) if p in keep else last.get(owner[p], -1) for p in carry})
+    taken = (
+        _inplace(
+            [v for v in stored if kind[v] == "pointwise" and v not in addmm and _name(v) not in _INDEXING],
+            lambda v: [x for a in reads[v] for x in fusion.load(a)[0]],
+            lambda x: _reshaped_base(x, kind) if isinstance(x, fx.Node) else None,
+            lambda v: kernels[v][0] if v in kernels else -1,
+            index.__getitem__,
+            lambda x: [u for u in x.users if u in index],
+            lambda r: r in stored or kind[r] not in ("pointwise", "view"),
+            lambda b: b not in keep and b in stored and _name(b) != "cat",
+            lambda b: b.meta.get("val"),
+        )
+        if fused
+        else {}
+    )
+    for v, b in taken.items():  # one storage for a chain: it lives until its last value's end
+        root = b
+        while root in taken:
+            root = taken[root]
+        end[root] = max(end[root], end[v])
     starts: dict[int, list[fx.Node]] = {}
     for n in stored:
-        starts.setdefault(kernels[n][0], []).append(n)
+        if n not in taken:
+            starts.setdefault(kernels[n][0], []).append(n)
     frees: dict[int, int] = {}
     live = 0
     for p, size in carry.items():
         live += size
-        end = len(nodes) if p in keep else last.get(owner[p], -1)
-        frees[end] = frees.get(end, 0) + size
+        frees[end[p]] = frees.get(end[p], 0) + size
     live -= frees.pop(-1, 0)
     peak = live
     for i, n in enumerate(nodes):
         for v in starts.pop(i, ()):
             live += stored[v]
-            end = max(last.get(v, index[v]), kernels[v][1])
-            frees[end] = frees.get(end, 0) + stored[v]
+            frees[end[v]] = frees.get(end[v], 0) + stored[v]
         scratch = _call_scratch(n, channels_last and _is_4d(n)) if fused else 0
         if scratch:  # the call holds its outputs too (a multi-output op's are counted at its getitems, next)
             scratch += _pieces_bytes(n)
@@ -652,6 +736,16 @@ def _gradient_sum(n: fx.Node, kind: str) -> bool:
     """A sum :func:`~memfit.remat.compiled.fusion._gradient_sum_groups` may fuse (the caller checks that only the
     graph reads it)."""
     return kind == "other" and _name(n) == "sum"
+
+
+def _reshaped_base(x: fx.Node, kind: dict[fx.Node, str]) -> fx.Node | None:
+    """The value a load of ``x`` reads at ``x``'s own index: ``x``, or through views that only reshape, their base;
+    ``None`` through any other view."""
+    while kind.get(x) == "view":
+        if _name(x) not in _RESHAPE or not x.all_input_nodes:
+            return None
+        x = x.all_input_nodes[0]
+    return x
 
 
 def _run_positions(
