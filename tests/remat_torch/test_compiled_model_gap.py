@@ -338,14 +338,10 @@ ZOO = [
     "mamba",
 ]
 BUDGETS = ["none", "0.7", "0.5", "least"]
-# Measured gaps the model does not close (docs/remat_compiled.md, "How close the model is to inductor's plan"):
-# Mamba at 0.7, whose scan backward the model holds in one kernel where inductor's plan is lower (its in-place and
-# pool reuse of buffers is not modelled: an in-place rule alone put the model 19% under inductor's plan on memfit's
-# GPT at 0.5 and 0.8, where inductor also fuses kernels the model keeps apart). Strict: a fix turns it into a
-# failure to remove from here.
-KNOWN_GAPS = {
-    ("mamba", "0.7"): "inductor's plan of the scan's backward is lower than one kernel holding its buffers",
-}
+# Measured gaps the model does not close, as strict xfail (a fix turns them into failures to remove from here). None
+# since the in-place and gradient-sum rules (docs/remat_compiled.md, "How close the model is to inductor's plan");
+# the closest row is Mamba at 0.7, 1.097.
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def _cases() -> list:
