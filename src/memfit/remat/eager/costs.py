@@ -4,9 +4,10 @@
 ``flop_counter`` formulas, plus :func:`extra_flops` for the matmuls it leaves out) at a measured matmul rate
 (convolutions and their backward at their own), the bytes it reads and writes at a measured bandwidth (a random op:
 its draws at a measured dropout rate; an advanced-indexing gather or scatter: its indexed elements at a measured
-gather rate), the fresh pages of its large CPU outputs at a measured rate, and a measured dispatch time per op. The compiled path's model
-(:mod:`memfit.remat.compiled.model`) and the planner's step-time roofline (:mod:`memfit.plan`) price with the same
-functions.
+gather rate), the fresh pages of its large CPU outputs at a measured rate, and a measured dispatch time per op. The
+planner's step-time roofline (:mod:`memfit.plan`) prices with the same functions; the compiled path's model
+(:mod:`memfit.remat.compiled.model`) prices its recomputed matmuls' FLOPs with :func:`op_flops` (not the gather
+and fresh-page rates: inductor fuses gathers into their readers' loops and plans its own buffers).
 """
 
 from __future__ import annotations
