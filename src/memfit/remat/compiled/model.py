@@ -193,10 +193,9 @@ class _Model:
         # which values get a buffer (inductor's store-or-inline choice, made in order)
         fusion = _Fusion(self.addmm, self._fuses_memo)
         stored: set[tuple[fx.Node, bool]] = set()
-        sum_loads: dict[tuple[fx.Node, bool], list[Any]] = {}  # the gradient sums' loads
-        loads: dict[
-            tuple[fx.Node, bool], list[Any]
-        ] = {}  # a stored pointwise value's loads (in-place candidates)
+        # the loads of the gradient sums, and of the stored values that may be written in place
+        sum_loads: dict[tuple[fx.Node, bool], list[Any]] = {}
+        loads: dict[tuple[fx.Node, bool], list[Any]] = {}
         for key in seq:
             n, again = key
             kept = (n in saved and not again) or n in self.bw_outputs or n in self.fw_outputs
@@ -210,7 +209,7 @@ class _Model:
                 stored.add(key)
                 if self.fused and n in self.bw_outputs and _gradient_sum(n, self.kind[n]):
                     sum_loads[key] = [x for k in inputs for x in fusion.load(k)[0]]
-                if self.fused and self._inplace_candidate(n):
+                if self.fused and _inplace_candidate(n, self.kind[n], self.addmm):
                     loads[key] = [x for k in inputs for x in fusion.load(k)[0]]
         # where each value's reads happen: an inlined value (or a view) reads inside the kernels that read it
         run = _run_positions(seq, stored, lambda key: reader_keys.get(key, ()), lambda key: position[key])
@@ -317,11 +316,6 @@ class _Model:
                     later[b] = max(later.get(b, -1), at)
         return later
 
-    def _inplace_candidate(self, n: fx.Node) -> bool:
-        """Whether inductor may write ``n`` into the buffer of a value it reads (a pointwise kernel's value, not an
-        ``addmm``'s add nor an indexing op, which reads at other indices)."""
-        return self.kind[n] == "pointwise" and n not in self.addmm and _name(n) not in _INDEXING
-
     def _inplace(
         self,
         values: list[tuple[fx.Node, bool]],
@@ -332,8 +326,8 @@ class _Model:
         reader_keys: dict[tuple[fx.Node, bool], list[tuple[fx.Node, bool]]],
         recompute: set[fx.Node],
     ) -> dict[tuple[fx.Node, bool], tuple[fx.Node, bool]]:
-        """:func:`~memfit.remat.compiled.fusion._inplace` over the simulated sequence: a stored value or its
-        copy may be overwritten once read last, unless the step returns it (a graph output)."""
+        """:func:`~memfit.remat.compiled.fusion._inplace` over the simulated sequence (a value and its recomputed
+        copy are values of their own; what the step returns is never overwritten)."""
         if not values:
             return {}
         outputs = self.fw_outputs | self.bw_outputs
@@ -691,7 +685,7 @@ def _run_peak(
     end.update({p: len(nodes) if p in keep else last.get(owner[p], -1) for p in carry})
     taken = (
         _inplace(
-            [v for v in stored if kind[v] == "pointwise" and v not in addmm and _name(v) not in _INDEXING],
+            [v for v in stored if _inplace_candidate(v, kind[v], addmm)],
             lambda v: [x for a in reads[v] for x in fusion.load(a)[0]],
             lambda x: _reshaped_base(x, kind) if isinstance(x, fx.Node) else None,
             lambda v: kernels[v][0] if v in kernels else -1,
@@ -736,6 +730,12 @@ def _gradient_sum(n: fx.Node, kind: str) -> bool:
     """A sum :func:`~memfit.remat.compiled.fusion._gradient_sum_groups` may fuse (the caller checks that only the
     graph reads it)."""
     return kind == "other" and _name(n) == "sum"
+
+
+def _inplace_candidate(n: fx.Node, kind: str, addmm: Container[fx.Node]) -> bool:
+    """Whether inductor may write ``n`` into the buffer of a value it reads: a pointwise kernel's value, not an
+    ``addmm``'s add (an extern kernel) nor an indexing op (it reads at other indices)."""
+    return kind == "pointwise" and n not in addmm and _name(n) not in _INDEXING
 
 
 def _reshaped_base(x: fx.Node, kind: dict[fx.Node, str]) -> fx.Node | None:
