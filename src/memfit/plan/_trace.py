@@ -34,11 +34,9 @@ from memfit.memory import MemoryReport, track
 from memfit.remat.eager.costs import (
     CPU_ATTENTION,
     GROUPED_MATMULS,
-    draws_random,
+    element_seconds,
     fresh_page_seconds,
-    gather_seconds,
     op_flops,
-    random_seconds,
 )
 
 __all__ = ["Env", "StepTrace", "trace_forward_backward"]
@@ -106,12 +104,9 @@ class _Cost(TorchDispatchMode):
         flops = op_flops(func, args, kwargs, out)
         # large outputs' fresh pages, a random op's draws, an advanced-indexing op's elements: as the capture prices
         fixed = fresh_page_seconds(out, r, pytree.tree_leaves((args, kwargs))) + r.op_overhead_s
-        if r.random_elements_per_s is not None and draws_random(func, args, kwargs):
-            self.seconds += flops / r.flops_per_s + random_seconds(out, r) + fixed
-            return out
-        gathered = gather_seconds(func, args, kwargs, out, r)
-        if gathered is not None:
-            self.seconds += flops / r.flops_per_s + gathered + fixed
+        by_elements = element_seconds(func, args, kwargs, out, r)
+        if by_elements is not None:
+            self.seconds += flops / r.flops_per_s + by_elements + fixed
             return out
         rate = r.flops_per_s
         packet = getattr(func, "overloadpacket", None)

@@ -30,6 +30,7 @@ __all__ = [
     "Rates",
     "calibrate",
     "draws_random",
+    "element_seconds",
     "extra_flops",
     "fresh_page_seconds",
     "gather_seconds",
@@ -352,6 +353,17 @@ def gather_seconds(
     return None if moved is None else moved / rates.gather_elements_per_s
 
 
+def element_seconds(
+    target: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any, rates: Rates
+) -> float | None:
+    """What an op priced by its elements rather than the bytes it moves costs at its own rate: a random op's draws
+    (:func:`random_seconds`), an advanced-indexing op's elements (:func:`gather_seconds`); ``None`` for any other op
+    or without the rate (price it by its bytes). The capture's cost and the planner's roofline both call it."""
+    if rates.random_elements_per_s is not None and draws_random(target, args, kwargs):
+        return random_seconds(out, rates)
+    return gather_seconds(target, args, kwargs, out, rates)
+
+
 def fresh_page_seconds(out: Any, rates: Rates, inputs: Sequence[Any] = ()) -> float:
     """What the fresh pages of an op's outputs of :data:`FRESH_PAGES_FROM` bytes or more cost at
     ``rates.fresh_page_bytes_per_s`` (0 without it); an output that is one of ``inputs`` (an in-place op's) is not
@@ -375,12 +387,10 @@ def _estimate_cost(node: fx.Node, out_bytes: int, is_view: bool, rates: Rates) -
     flops = _flops(node)
     out = node.meta.get("val")
     fixed = fresh_page_seconds(out, rates) + rates.op_overhead_s
-    if rates.random_elements_per_s is not None and _is_random(node):
-        return flops / rates.flops_per_s + random_seconds(out, rates) + fixed
     args, kwargs = pytree.tree_map_only(fx.Node, lambda a: a.meta.get("val"), (node.args, node.kwargs))
-    gathered = gather_seconds(node.target, args, kwargs, out, rates)
-    if gathered is not None:
-        return flops / rates.flops_per_s + gathered + fixed
+    by_elements = element_seconds(node.target, args, kwargs, out, rates)
+    if by_elements is not None:
+        return flops / rates.flops_per_s + by_elements + fixed
     packet = getattr(node.target, "overloadpacket", None)
     rate = rates.flops_per_s
     if packet is torch.ops.aten.convolution and rates.conv_flops_per_s is not None:
