@@ -452,8 +452,9 @@ def _kernels(
     buffers live at once: the model read 0.63-0.66 of inductor's plan when it freed each as its last reader passed.
     Work that shares only an input stays apart, and reading through an extern kernel is not fusion: inductor's
     horizontal fusion (but for the gradient sums of :func:`_gradient_sum_groups`), its pulling of kernels ahead of
-    extern ones and its reordering for peak memory are not modelled (fusing values of equal size that share a read, within 64 kernels, put the model 5-44% over inductor's
-    plans on BERT, GPT-NeoX, ViT and memfit's GPT, where inductor's peak-memory checks keep them apart)."""
+    extern ones and its reordering for peak memory are not modelled (fusing values of equal size that share a read,
+    within 64 kernels, put the model 5-44% over inductor's plans on BERT, GPT-NeoX, ViT and memfit's GPT, where
+    inductor's peak-memory checks keep them apart)."""
     index = {item: i for i, item in enumerate(items)}
 
     stretch: dict[Any, int] = {}

@@ -308,11 +308,12 @@ class _Model:
             return found
 
         sums = sorted(sum_loads, key=position.__getitem__)
+        read = {key: buffers(key) for key in sums}
         later: dict[Any, int] = {}
-        for group in _gradient_sum_groups(sums, buffers, lambda key: _loops(key[0])):
+        for group in _gradient_sum_groups(sums, read.__getitem__, lambda key: _loops(key[0])):
             at = max(position[key] for key in group)
             for key in group:
-                for b in buffers(key):
+                for b in read[key]:
                     later[b] = max(later.get(b, -1), at)
         return later
 
@@ -668,10 +669,11 @@ def _run_peak(
             return {owner[x] for x in _flat_loads(loads, lambda x: isinstance(x, fx.Node))}
 
         sums = [n for n in nodes if n in stored and n in keep and _gradient_sum(n, kind[n])]
-        for group in _gradient_sum_groups(sums, buffers, _loops):
+        read = {v: buffers(v) for v in sums}
+        for group in _gradient_sum_groups(sums, read.__getitem__, _loops):
             at = max(index[v] for v in group)
             for v in group:
-                for b in buffers(v):
+                for b in read[v]:
                     last[b] = max(last.get(b, -1), at)
     matmuls = set(fused_mm) | addmm
     kernels = (
